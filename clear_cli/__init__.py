@@ -1,0 +1,24 @@
+"""clear: CLEAR local attention for pre-trained diffusion transformers (FLUX), with distillation and export.
+
+The Python API mirrors the commands; heavy modules are imported on first use.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_API = {
+    "load_pipeline": "clear_cli.models",
+    "save_pipeline": "clear_cli.models",
+}
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'clear_cli' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_API]

@@ -1,0 +1,1 @@
+"""Typer commands: thin (parse -> config -> core -> render), one command per module."""

@@ -1,0 +1,78 @@
+"""The `clear` / `clear-dit` Typer app: registers one command per module, turns known errors into one line."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import typer
+
+from clear_cli import __version__
+from clear_cli.errors import ClearError
+
+app = typer.Typer(
+    name="clear",
+    help="CLEAR: make pre-trained diffusion transformers (FLUX) fast at high resolution with local attention.\n\n"
+    "`clear-dit` is the same program under a name that never clashes with the shell's `clear`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"clear-dit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (or set CLEAR_DEBUG=1)."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    _state["debug"] = debug
+
+
+def _register() -> None:
+    """Each command lives in its own module under clear_cli/cli/ and exposes `register(app)`."""
+    from clear_cli.cli import env as env_cmd
+
+    for mod in (env_cmd,):
+        mod.register(app)
+
+
+_register()
+
+
+def debug_enabled() -> bool:
+    return _state["debug"] or os.environ.get("CLEAR_DEBUG", "") not in ("", "0")
+
+
+def run(argv: list[str] | None = None, prog_name: str = "clear") -> int:
+    """Run the app on `argv` and return the exit code (used by `main` and by in-process tests)."""
+    _state["debug"] = False
+    try:
+        app(args=argv, prog_name=prog_name)
+    except SystemExit as e:
+        code = e.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except ClearError as e:
+        if debug_enabled():
+            traceback.print_exc()
+        print(e.one_line(), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted (outputs written so far are kept; rerun the same command to resume)",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def main() -> None:
+    prog = os.path.basename(sys.argv[0]) if sys.argv else "clear"
+    sys.exit(run(sys.argv[1:], prog_name="clear-dit" if prog.startswith("clear-dit") else "clear"))

@@ -1,0 +1,111 @@
+"""The one way every command gets a FLUX pipeline: `load_pipeline(model, device=, dtype=)`."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from diffusers import FluxPipeline as _StockFluxPipeline
+
+from clear_cli.errors import ClearError
+from clear_cli.models import tiny
+
+DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
+TINY_NAMES = ("tiny", "tiny-random")
+
+
+class FluxPipeline(_StockFluxPipeline):
+    """Stock FluxPipeline whose default `max_sequence_length` is the model's own text length.
+
+    FLUX.1-dev's T5 tokenizer says 512 (the stock default); the tiny model says 32, and a model sampled at a
+    text length it was not trained at stops following prompts (DESIGN.md §8). Saved, it is a plain
+    FluxPipeline directory that stock diffusers loads.
+    """
+
+    def __call__(self, *args, **kwargs):
+        kwargs.setdefault("max_sequence_length", text_len(self))
+        return super().__call__(*args, **kwargs)
+
+
+def text_len(pipe) -> int:
+    """The T5 text length a pipeline's model expects (its tokenizer's model_max_length, at most 512)."""
+    tok = getattr(pipe, "tokenizer_2", None)
+    n = getattr(tok, "model_max_length", 512) if tok is not None else 512
+    return int(min(n, 512)) if n and n > 0 else 512
+
+
+def _adopt(pipe: _StockFluxPipeline) -> FluxPipeline:
+    pipe.__class__ = FluxPipeline
+    return pipe
+
+
+def build_tiny(random: bool = False, seed: int = 0) -> FluxPipeline:
+    """The built-in tiny FLUX on CPU in fp32 (`random=True`: untrained weights)."""
+    comps = tiny.build_components(seed=seed)
+    if not random:
+        if tiny.TINY_WEIGHTS.is_file():
+            tiny.load_trained(comps)
+        else:
+            warnings.warn("trained tiny weights are not shipped in this build; using tiny-random", stacklevel=2)
+    pipe = FluxPipeline(**comps)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _hub_error(model: str, err: Exception) -> ClearError:
+    text = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+    gated = "gated" in text.lower() or "401" in text or "403" in text
+    why = "is gated: accept its license on the hub and log in" if gated else "could not be loaded"
+    return ClearError(
+        f"model {model!r} {why} ({text})",
+        "run `huggingface-cli login`, pass a local diffusers directory with --model DIR, or try --model tiny",
+    )
+
+
+def load_pipeline(model: str = DEFAULT_MODEL, *, device: str | torch.device | None = None,
+                  dtype: str | torch.dtype | None = None, seed: int = 0) -> FluxPipeline:
+    """A diffusers FluxPipeline from a hub id, a local diffusers directory, `tiny` or `tiny-random`.
+
+    device: auto|cpu|cuda[:N] (None = leave on CPU); dtype: auto|fp32|bf16|fp16 (auto: bf16 on CUDA, fp32 on CPU).
+    """
+    from clear_cli.devices import resolve_device, resolve_dtype
+
+    dev = resolve_device(device) if device is not None else torch.device("cpu")
+    dt = resolve_dtype(dtype, dev)
+    name = str(model)
+    if name in TINY_NAMES:
+        pipe = build_tiny(random=name == "tiny-random", seed=seed)
+    else:
+        path = Path(name).expanduser()
+        if path.exists():
+            if not (path / "model_index.json").is_file():
+                raise ClearError(f"{path} is not a diffusers pipeline directory (no model_index.json)",
+                                 "pass the folder that `save_pretrained` wrote, a hub id, or --model tiny")
+            source = str(path)
+        elif name.startswith((".", "/", "~")) or name.count("/") != 1:
+            raise ClearError(f"model {name!r} is neither a local directory nor a hub id (owner/name)",
+                             "e.g. --model black-forest-labs/FLUX.1-dev, --model ./my_flux or --model tiny")
+        else:
+            source = name
+        try:
+            pipe = _StockFluxPipeline.from_pretrained(source, torch_dtype=dt)
+        except ClearError:
+            raise
+        except (OSError, ValueError, EnvironmentError, ImportError) as e:
+            raise _hub_error(name, e) from e
+        except Exception as e:  # huggingface_hub raises its own error types for gated/missing repos
+            if type(e).__module__.startswith(("huggingface_hub", "requests", "httpx")):
+                raise _hub_error(name, e) from e
+            raise
+        pipe = _adopt(pipe)
+    if dt != pipe.transformer.dtype:
+        pipe = pipe.to(dtype=dt)
+    return pipe.to(device=dev)
+
+
+def save_pipeline(pipe, path: str | Path) -> Path:
+    """Write a pipeline as a normal diffusers directory (stock `FluxPipeline.from_pretrained` loads it)."""
+    out = Path(path)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return out
