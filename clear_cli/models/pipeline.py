@@ -83,13 +83,20 @@ def load_pipeline(model: str = DEFAULT_MODEL, *, device: str | torch.device | No
                 raise ClearError(f"{path} is not a diffusers pipeline directory (no model_index.json)",
                                  "pass the folder that `save_pretrained` wrote, a hub id, or --model tiny")
             source = str(path)
-        elif name.startswith((".", "/", "~")) or name.count("/") != 1:
+        elif name.startswith((".", "/", "~")):
+            raise ClearError(f"local model directory {path} does not exist",
+                             "check the path, pass a hub id (owner/name), or --model tiny")
+        elif name.count("/") != 1:
             raise ClearError(f"model {name!r} is neither a local directory nor a hub id (owner/name)",
                              "e.g. --model black-forest-labs/FLUX.1-dev, --model ./my_flux or --model tiny")
         else:
             source = name
+        from diffusers.utils import logging as dlogging
+
+        level = dlogging.get_verbosity()
+        dlogging.set_verbosity_error()  # its "couldn't connect" warnings would bury our one-line error
         try:
-            pipe = _StockFluxPipeline.from_pretrained(source, torch_dtype=dt)
+            pipe = _StockFluxPipeline.from_pretrained(source, dtype=dt)
         except ClearError:
             raise
         except (OSError, ValueError, EnvironmentError, ImportError) as e:
@@ -98,6 +105,8 @@ def load_pipeline(model: str = DEFAULT_MODEL, *, device: str | torch.device | No
             if type(e).__module__.startswith(("huggingface_hub", "requests", "httpx")):
                 raise _hub_error(name, e) from e
             raise
+        finally:
+            dlogging.set_verbosity(level)
         pipe = _adopt(pipe)
     if dt != pipe.transformer.dtype:
         pipe = pipe.to(dtype=dt)
