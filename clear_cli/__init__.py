@@ -8,8 +8,18 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _API = {
+    "clear_attention": "clear_cli.attention",
+    "count_pairs": "clear_cli.attention",
     "load_pipeline": "clear_cli.models",
     "save_pipeline": "clear_cli.models",
+    "linearize": "clear_cli.attention.linearize",
+    "unlinearize": "clear_cli.attention.linearize",
+    "generate": "clear_cli.generate",
+    "load_attention_weights": "clear_cli.models.weights",
+    "export": "clear_cli.export",
+    "synth": "clear_cli.synth",
+    "evaluate": "clear_cli.evaluate",
+    "distill": "clear_cli.distill",
 }
 
 

@@ -1,0 +1,219 @@
+"""`clear bench attention`: work counts and measured speed of full attention against CLEAR, per resolution.
+
+Figures per resolution: tokens, FLOPs of full attention, exact and paper-formula CLEAR FLOPs, each schedule's work /
+exact (image-to-image part separately: the dense text rows and columns hide a block layout's waste), then measured
+medians of full SDPA and each CLEAR backend (repeats interleaved so drift hits all alike), speedup and efficiency
+(= speedup / (full FLOPs / exact FLOPs): 1.0 means CLEAR runs at full attention's FLOP rate).
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from clear_cli.attention.counting import attention_flops, count_pairs, full_pairs, image_pairs, paper_pairs
+from clear_cli.config import doc
+
+PIXELS_PER_TOKEN = 16  # FLUX: VAE /8, then 2x2 patches
+
+
+@dataclass
+class AttentionBenchConfig:
+    res: list[str] = doc(["1k", "2k", "4k", "8k"], "Resolutions: 1k, 2k, 4k, 8k, 1024, or WxH in pixels (16 px per token).")
+    window: int = doc(16, "CLEAR window radius in tokens.")
+    down_factor: int = doc(1, "Down-sampling factor of the pooled keys (1 = none).")
+    heads: int = doc(24, "Attention heads (FLUX: 24).")
+    head_dim: int = doc(128, "Head dimension (FLUX: 128).")
+    text_len: int = doc(512, "Text tokens (FLUX.1-dev: 512).")
+    batch: int = doc(1, "Batch size.")
+    device: str = doc("auto", "auto, cpu, cuda, cuda:N.")
+    dtype: str = doc("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")
+    backends: list[str] = doc(["auto"], "CLEAR backends to time: auto, tiled, flex, reference.")
+    repeats: int = doc(3, "Timed repeats per kernel (after one warm-up); medians are reported.")
+    max_full_tflop: float = doc(0.0, "Skip timing full attention above this many TFLOPs (0: 2 on CPU, 2000 on CUDA).")
+    max_tokens_cuda_full: int = doc(300_000, "Skip full attention beyond this many tokens on CUDA.")
+    timing: bool = doc(True, "Measure times (off: work counts only).")
+    extra: dict = field(default_factory=dict)
+
+
+def parse_res(text: str) -> tuple[int, int]:
+    """'1k' -> 1024 px square, '1024', '1024x768' (width x height) -> token grid (H, W)."""
+    s = text.strip().lower()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)k", s)
+    if m:
+        px = int(round(float(m.group(1)) * 1024))
+        wpx, hpx = px, px
+    elif re.fullmatch(r"\d+", s):
+        wpx = hpx = int(s)
+    elif re.fullmatch(r"\d+x\d+", s):
+        wpx, hpx = (int(x) for x in s.split("x"))
+    else:
+        raise ValueError(f"resolution {text!r} is not 1k/2k/4k/8k, a pixel size like 1024, or WxH like 1024x768")
+    if wpx % PIXELS_PER_TOKEN or hpx % PIXELS_PER_TOKEN or wpx <= 0 or hpx <= 0:
+        raise ValueError(f"resolution {text!r}: width and height must be positive multiples of {PIXELS_PER_TOKEN} px")
+    return hpx // PIXELS_PER_TOKEN, wpx // PIXELS_PER_TOKEN
+
+
+def schedule_work(backend: str, grid: tuple[int, int], text_len: int, window: int, down_factor: int = 1,
+                  head_dim: int = 128) -> tuple[int, int] | None:
+    """(all pairs computed, image-to-image pairs computed) by a backend's schedule; None if it has no schedule."""
+    h, w = grid
+    t, hw = text_len, h * w
+    p = (h // down_factor) * (w // down_factor) if down_factor > 1 else 0
+    text_rows = t * (t + hw)
+    if backend == "tiled":
+        from clear_cli.attention.geometry import tile_key_offsets
+        from clear_cli.attention.tiled import choose_tile
+        a, b = choose_tile(grid, window, head_dim, p, t)
+        slots = -(-h // a) * -(-w // b) * a * b
+        k_img = len(tile_key_offsets((a, b), window))
+        return text_rows + slots * (t + k_img + p), slots * k_img
+    if backend == "flex":
+        from clear_cli.attention.flex import default_tiles, image_block_work
+        qt, kt = default_tiles(window)
+        kb = kt[0] * kt[1]
+        slots = -(-h // qt[0]) * -(-w // qt[1]) * qt[0] * qt[1]
+        img = image_block_work(grid, window, qt, kt)
+        return text_rows + slots * (-(-t // kb) * kb + -(-p // kb) * kb) + img, img
+    return None
+
+
+def _resolve_backend(name: str, device, needs_grad: bool = False) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        from clear_cli.attention.flex import flex_available
+        return "flex" if flex_available(device) else "tiled"
+    return "tiled"
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def bench_attention(cfg: AttentionBenchConfig, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Run the benchmark; one dict per resolution (see the module docstring for the fields)."""
+    import torch
+    import torch.nn.functional as F
+
+    from clear_cli.attention import clear_attention
+    from clear_cli.devices import resolve_device, resolve_dtype
+
+    say = log or (lambda s: None)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    d_model = cfg.heads * cfg.head_dim
+    max_full = cfg.max_full_tflop or (2.0 if device.type == "cpu" else 2000.0)
+    backends = [_resolve_backend(b, device) for b in cfg.backends]
+    backends = list(dict.fromkeys(backends))
+    rows = []
+    for res in cfg.res:
+        grid = parse_res(res)
+        h, w = grid
+        if (h % cfg.down_factor) or (w % cfg.down_factor):
+            raise ValueError(f"down_factor {cfg.down_factor} does not divide the {h}x{w} token grid of {res}")
+        t = cfg.text_len
+        n = t + h * w
+        exact = count_pairs(grid, t, cfg.window, cfg.down_factor)
+        row: dict = {
+            "res": res, "grid": [h, w], "tokens": n, "window": cfg.window, "down_factor": cfg.down_factor,
+            "full_tflop": attention_flops(full_pairs(grid, t), d_model) / 1e12,
+            "exact_tflop": attention_flops(exact, d_model) / 1e12,
+            "paper_tflop": attention_flops(paper_pairs(grid, t, cfg.window, cfg.down_factor), d_model) / 1e12,
+            "flop_ratio": full_pairs(grid, t) / exact,
+            "schedules": {},
+            "times_s": {}, "speedup": {}, "efficiency": {}, "peak_mb": {}, "notes": [],
+        }
+        img_exact = image_pairs(grid, cfg.window)
+        for b in ("tiled", "flex"):
+            sw = schedule_work(b, grid, t, cfg.window, cfg.down_factor, cfg.head_dim)
+            if sw:
+                row["schedules"][b] = {"work_over_exact": sw[0] / exact, "image_work_over_exact": sw[1] / img_exact}
+        rows.append(row)
+        say(f"{res}: {n} tokens, full {row['full_tflop']:.3f} TFLOP, CLEAR exact {row['exact_tflop']:.4f} "
+            f"(paper {row['paper_tflop']:.4f})")
+        if not cfg.timing:
+            continue
+        shape = (cfg.batch, cfg.heads, n, cfg.head_dim)
+        try:
+            q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
+        except RuntimeError as e:  # out of memory for the inputs themselves
+            row["notes"].append(f"inputs do not fit: {e}".splitlines()[0])
+            continue
+        kernels: dict[str, Callable] = {}
+        if row["full_tflop"] * cfg.batch <= max_full and (device.type == "cpu" or n <= cfg.max_tokens_cuda_full):
+            kernels["full"] = lambda: F.scaled_dot_product_attention(q, k, v)
+        else:
+            row["notes"].append(f"full attention not timed ({row['full_tflop'] * cfg.batch:.1f} TFLOP > "
+                                f"{max_full:g} on {device.type}; raise --max-full-tflop to force)")
+        for b in backends:
+            kernels[b] = (lambda b=b: clear_attention(q, k, v, text_len=t, grid=grid, window=cfg.window,
+                                                      down_factor=cfg.down_factor, backend=b))
+        times: dict[str, list[float]] = {name: [] for name in kernels}
+        with torch.no_grad():
+            for name, fn in list(kernels.items()):   # warm-up (compiles, builds and caches masks)
+                try:
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    fn()
+                    _sync(device)
+                    row["peak_mb"][name] = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+                                            else _rss_mb())
+                except Exception as e:  # out of memory or a kernel that cannot run here: report, go on
+                    row["notes"].append(f"{name} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                    del kernels[name], times[name]
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+            for _ in range(cfg.repeats):
+                for name, fn in kernels.items():
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    fn()
+                    _sync(device)
+                    times[name].append(time.perf_counter() - t0)
+        for name, ts in times.items():
+            row["times_s"][name] = statistics.median(ts)
+        if "full" in row["times_s"]:
+            for name in backends:
+                if name in row["times_s"]:
+                    sp = row["times_s"]["full"] / row["times_s"][name]
+                    row["speedup"][name] = sp
+                    row["efficiency"][name] = sp / row["flop_ratio"]
+        say("  " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in row["times_s"].items()))
+        del q, k, v
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _sync(device) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def format_table(rows: list[dict], peak_label: str = "peak MB") -> str:
+    """Plain-text table of `bench_attention` rows."""
+    lines = []
+    for r in rows:
+        sched = "; ".join(f"{b} work/exact {s['work_over_exact']:.2f} (image {s['image_work_over_exact']:.2f})"
+                          for b, s in r["schedules"].items())
+        lines.append(f"{r['res']} ({r['grid'][0]}x{r['grid'][1]} tokens + text = {r['tokens']}), r={r['window']}, "
+                     f"f={r['down_factor']}")
+        lines.append(f"  TFLOP/layer: full {r['full_tflop']:.3f}, CLEAR exact {r['exact_tflop']:.4f}, "
+                     f"paper {r['paper_tflop']:.4f} (full/exact {r['flop_ratio']:.1f}x)")
+        if sched:
+            lines.append(f"  schedules: {sched}")
+        for name, t in r["times_s"].items():
+            extra = ""
+            if name in r["speedup"]:
+                extra = f"  speedup {r['speedup'][name]:.2f}x  efficiency {r['efficiency'][name]:.2f}"
+            peak = r["peak_mb"].get(name)
+            lines.append(f"  {name:<10} {t * 1e3:10.2f} ms{extra}" + (f"  {peak_label} {peak:.0f}" if peak else ""))
+        for note in r["notes"]:
+            lines.append(f"  note: {note}")
+    return "\n".join(lines)

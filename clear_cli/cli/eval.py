@@ -1,0 +1,74 @@
+"""`clear eval`: quality and speed of linearized students against their teacher (thin over clear_cli.evaluate)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def eval_cmd(
+    student: list[Path] = typer.Option(..., "--student", metavar="FILE", help="Student attention weights (.safetensors); repeat "
+                                       "for several (r = 8, 16, 32 side by side)."),
+    model: str = typer.Option("black-forest-labs/FLUX.1-dev", "--model",
+                              help="Hub id, local diffusers directory, `tiny` or `tiny-random`."),
+    prompts: str = typer.Option("coco", "--prompts", help="coco (COCO-2014-val captions), builtin, or a FILE."),
+    n: int = typer.Option(5000, "--n", help="Number of prompts (images per model)."),
+    res: str = typer.Option(None, "--res", help="1k|2k|WxH|one number (default: the model's base, 1k; tiny 128)."),
+    steps: int = typer.Option(None, "--steps", help="Denoising steps (default 28; tiny 8)."),
+    guidance: float = typer.Option(3.5, "--guidance", help="Guidance of teacher and students."),
+    seed: int = typer.Option(0, "--seed", help="Seed of prompt 0; prompt i uses seed + i."),
+    out: Path = typer.Option(Path("eval"), "--out", help="Folder for cached images, eval.json, report.html, grid.png."),
+    metrics: str = typer.Option(None, "--metrics", help="Comma list of fid,clip,lpips,ssim,psnr,dino,speed "
+                                "(default all; hub networks that cannot be loaded are then skipped)."),
+    ref_images: Path = typer.Option(None, "--ref-images", help="Folder of real images for FID against them."),
+    inception_weights: Path = typer.Option(None, "--inception-weights", help="Local FID Inception .safetensors."),
+    clip_model: str = typer.Option(None, "--clip-model", help="CLIP hub id or local dir "
+                                   "(default openai/clip-vit-large-patch14)."),
+    dino_model: str = typer.Option(None, "--dino-model", help="DINO hub id or local dir (default facebook/dinov2-base)."),
+    lpips_weights: Path = typer.Option(None, "--lpips-weights", help="Local LPIPS network .safetensors."),
+    window: int = typer.Option(None, "--window", help="Window radius for students whose file does not say it."),
+    cascade: bool = typer.Option(False, "--cascade", help="CLEAR SDEdit cascade vs the full-attention cascade at "
+                                 "--res (e.g. --res 2k): SSIM/PSNR/LPIPS and time."),
+    coco_captions: Path = typer.Option(None, "--coco-captions", help="COCO captions_val2014.json "
+                                       "(default ~/.cache/clear/coco/annotations/captions_val2014.json)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
+    backend: str = typer.Option("auto", "--backend", help="CLEAR attention backend: auto, reference, tiled or flex."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images per batch when computing metrics."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redraw every image instead of reusing the cache."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of the table."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars or log lines."),
+) -> None:
+    """Draw teacher and student images (same prompts and seeds, cached and resumable; split over processes under
+    `accelerate launch`), then report FID, CLIP, DINO, LPIPS, SSIM, PSNR, seconds per image and attention FLOPs."""
+    import sys
+
+    from clear_cli.evaluate import evaluate
+
+    def log(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr)
+
+    opt = lambda p: None if p is None else str(p)  # noqa: E731
+    result = evaluate(
+        [str(s) for s in student], model=model, prompts=prompts, n=n, res=res, steps=steps, guidance=guidance,
+        seed=seed, out=str(out), metrics=metrics, ref_images=opt(ref_images), inception_weights=opt(inception_weights),
+        clip_model=clip_model, dino_model=dino_model, lpips_weights=opt(lpips_weights), window=window,
+        cascade=cascade, coco_captions=opt(coco_captions), device=device, dtype=dtype, backend=backend,
+        batch_size=batch_size, overwrite=overwrite, log=log, progress=not quiet,
+    )
+    if result is None:  # a non-main process under accelerate
+        return
+    if as_json:
+        print(json.dumps(result, indent=1))
+    else:
+        from clear_cli.report import print_table
+
+        print_table(result)
+        print(f"report: {out / result['report']}   grid: {out / result['grid']}   json: {out / 'eval.json'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_cmd)

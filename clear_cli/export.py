@@ -1,0 +1,412 @@
+"""`clear export`: turn attention weights into files others load (DESIGN.md §7; layouts in docs/formats.md).
+
+    import clear_cli
+    res = clear_cli.export("out/clear_attn.safetensors", format="lora", rank=64, model="black-forest-labs/FLUX.1-dev")
+    print("\\n".join(res.summary_lines()))
+
+Formats:
+- ``lora``: the student-minus-base delta of every attention projection as a truncated SVD, under the diffusers/PEFT
+  keys stock ``FluxPipeline.load_lora_weights`` reads (``transformer.<module>.lora_A.weight`` [rank, in],
+  ``.lora_B.weight`` [out, rank], ``.lora_B.bias`` = bias delta; no alpha keys, so scale 1). Pooling weights travel
+  as ``clear_pool.<attn>.weight`` (the reader's name, outside the ``transformer.`` prefix, no "processor" in it).
+- ``full``: every attention tensor in the published checkpoints' layout (the transformer's own keys, no prefix) with
+  our metadata, for sharing.
+- ``comfy``: ComfyUI's native FLUX layout (``lora_unet_double_blocks_N_img_attn_qkv.lora_down/.lora_up/.alpha`` and
+  ``.diff_b``): q/k/v deltas stacked into the fused projection ComfyUI holds, the SVD taken on the stack. ComfyUI
+  reads the ``lora`` file's weights too, but drops ``lora_B.bias`` (its LoRA adapter has no bias); ``diff_b`` on
+  the fused layer is how it takes a bias delta.
+
+WEIGHTS may be any file `load_attention_weights` reads: our distill output, a published CLEAR checkpoint, or our LoRA
+(re-exported at another rank or as a full file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from clear_cli.config import doc
+from clear_cli.errors import ClearError, UsageError
+
+__all__ = ["export", "ExportConfig", "ExportResult", "LayerReport", "FORMATS", "DEFAULT_OUT", "choose_rank", "low_rank"]
+
+FORMATS = ("lora", "full", "comfy")
+DEFAULT_OUT = {"lora": "clear_lora.safetensors", "full": "clear_attn_full.safetensors",
+               "comfy": "clear_lora_comfy.safetensors"}
+DEFAULT_RANK = 64
+
+# Double blocks: diffusers module -> (ComfyUI fused layer, slot); slots are stacked in this order (q, k, v).
+_COMFY_DOUBLE = {
+    "to_q": ("img_attn_qkv", 0), "to_k": ("img_attn_qkv", 1), "to_v": ("img_attn_qkv", 2),
+    "to_out.0": ("img_attn_proj", 0),
+    "add_q_proj": ("txt_attn_qkv", 0), "add_k_proj": ("txt_attn_qkv", 1), "add_v_proj": ("txt_attn_qkv", 2),
+    "to_add_out": ("txt_attn_proj", 0),
+}
+# Single blocks: ComfyUI's linear1 = [q; k; v; mlp_in] rows; the mlp rows get a zero delta.
+_COMFY_SINGLE = {"to_q": ("linear1", 0), "to_k": ("linear1", 1), "to_v": ("linear1", 2)}
+_MODULE = re.compile(r"^(?P<block>transformer_blocks|single_transformer_blocks)\.(?P<i>\d+)\.attn\.(?P<proj>.+)$")
+
+
+@dataclass
+class ExportConfig:
+    """What `clear export` does; every field has the CLI option of the same name."""
+
+    format: str = doc("lora", "lora (diffusers/PEFT keys), full (published layout) or comfy (ComfyUI's FLUX layout)")
+    rank: int | None = doc(None, f"fixed LoRA rank per layer (clamped to the layer's size); default {DEFAULT_RANK}")
+    energy: float | None = doc(None, "instead of --rank: smallest rank keeping this share of squared singular values")
+    model: str | None = doc(None, "base model the delta is taken against; default: the weights' base_model metadata, "
+                                  "else black-forest-labs/FLUX.1-dev")
+    out: str | None = doc(None, "output file; default clear_lora.safetensors (lora), clear_attn_full.safetensors "
+                                "(full), clear_lora_comfy.safetensors (comfy)")
+    overwrite: bool = doc(False, "replace an existing output file")
+    window: int | None = doc(None, "window to record when the weights do not say it (published files renamed)")
+    down_factor: int | None = doc(None, "down_factor to record when the weights do not say it")
+    device: str = doc("auto", "where the SVDs run: auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class LayerReport:
+    """One exported layer: its rank and how well the low-rank factors reproduce it."""
+
+    name: str
+    rank: int
+    max_rank: int
+    error: float
+    """||delta - B A||_F / ||delta||_F (0 for a zero delta): the share of the fine-tune the LoRA loses"""
+    weight_error: float
+    """||delta - B A||_F / ||W_student||_F: the same loss measured against the whole weight"""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    size_bytes: int
+    window: int
+    down_factor: int
+    base_model: str
+    layers: list[LayerReport] = field(default_factory=list)
+    tensors: int = 0
+    pools: int = 0
+    unchanged: list[str] = field(default_factory=list)
+    """modules whose weight and bias equal the base model's (left out of a LoRA)"""
+
+    def summary_lines(self) -> list[str]:
+        size = _human_size(self.size_bytes)
+        lines = [f"wrote {self.path} ({self.format}, {size}, {self.tensors} tensors) for base {self.base_model}, "
+                 f"window {self.window}, down_factor {self.down_factor}"]
+        if self.layers:
+            ranks = sorted(r.rank for r in self.layers)
+            errs = [r.error for r in self.layers]
+            worst = max(self.layers, key=lambda r: r.error)
+            lines.append(f"{len(self.layers)} low-rank layers, rank {ranks[0]}..{ranks[-1]} "
+                         f"(median {ranks[len(ranks) // 2]}); error of the delta (relative Frobenius) "
+                         f"mean {sum(errs) / len(errs):.4f}, max {worst.error:.4f} ({worst.name}); "
+                         f"against the weights max {max(r.weight_error for r in self.layers):.2e}")
+        if self.unchanged:
+            lines.append(f"{len(self.unchanged)} module(s) equal the base model and were left out "
+                         f"(e.g. {self.unchanged[0]})")
+        if self.pools:
+            where = {"lora": " as clear_pool.* (clear gen --weights restores them)",
+                     "comfy": " as clear_pool.* (ComfyUI logs them as not loaded: only a CLEAR attention node uses "
+                              "them)", "full": ""}[self.format]
+            lines.append(f"{self.pools} pooling weight tensor(s) included{where}")
+        return lines
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+# ----------------------------------------------------------------------------------------------- options
+
+def check_options(cfg: ExportConfig) -> ExportConfig:
+    """Refuse bad options before anything is loaded (so nothing is written); fill the defaults."""
+    if cfg.format not in FORMATS:
+        raise UsageError(f"--format {cfg.format!r} is not one of {', '.join(FORMATS)}",
+                         "lora for diffusers, comfy for ComfyUI, full for the attention-only file")
+    if cfg.rank is not None and cfg.energy is not None:
+        raise UsageError("--rank and --energy both given", "pass one: a fixed rank, or the share of energy to keep")
+    if cfg.rank is not None and (isinstance(cfg.rank, bool) or int(cfg.rank) != cfg.rank or cfg.rank < 1):
+        raise UsageError(f"--rank {cfg.rank} must be a whole number of at least 1", "e.g. --rank 64")
+    if cfg.energy is not None and not (isinstance(cfg.energy, (int, float)) and 0.0 < cfg.energy <= 1.0):
+        raise UsageError(f"--energy {cfg.energy} must be in (0, 1]", "e.g. --energy 0.99 keeps 99% of the energy")
+    if cfg.format == "full" and (cfg.rank is not None or cfg.energy is not None):
+        raise UsageError("--rank/--energy apply to LoRA formats only", "drop them for --format full")
+    for name in ("window", "down_factor"):
+        v = getattr(cfg, name)
+        if v is not None and (isinstance(v, bool) or int(v) != v or v < 1):
+            raise UsageError(f"--{name.replace('_', '-')} {v} must be a whole number of at least 1")
+    out = Path(cfg.out if cfg.out is not None else DEFAULT_OUT[cfg.format]).expanduser()
+    if out.exists() and out.is_dir():
+        raise UsageError(f"--out {out} is a directory", f"name a file, e.g. {out / DEFAULT_OUT[cfg.format]}")
+    if out.exists() and not cfg.overwrite:
+        raise UsageError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
+    rank = cfg.rank if cfg.rank is not None or cfg.energy is not None or cfg.format == "full" else DEFAULT_RANK
+    return dataclasses.replace(cfg, out=str(out), rank=rank)
+
+
+# ----------------------------------------------------------------------------------------------- SVD
+
+def choose_rank(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
+    """Rank kept from singular values `s` (descending): fixed (clamped), or the smallest keeping `energy`."""
+    n = int(s.numel())
+    if energy is None:
+        return max(1, min(int(rank or DEFAULT_RANK), n))
+    sq = s.detach().to("cpu", torch.float64) ** 2  # the rank rule is tiny work: do it on the CPU, whatever ran the SVD
+    total = float(sq.sum())
+    if total == 0.0:
+        return 1
+    kept = torch.cumsum(sq, 0) / total
+    # A hair of slack so that energy 1.0 keeps the numerical rank instead of tripping on rounding.
+    return max(1, min(n, int(torch.searchsorted(kept, torch.tensor(energy - 1e-12, dtype=kept.dtype))) + 1))
+
+
+def low_rank(delta: torch.Tensor, rank: int | None, energy: float | None, *, dtype: torch.dtype,
+             weight_norm: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, float, float]:
+    """Truncated SVD of `delta` [out, in] -> (A [r, in], B [out, r], r, error, weight_error), factors in `dtype`.
+
+    The singular values are split evenly (B = U sqrt(S), A = sqrt(S) V^T) so neither factor is tiny in low
+    precision. Errors are measured on the factors as stored (after the cast), relative Frobenius.
+    """
+    d = delta.to(device=device, dtype=torch.float32)
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    r = choose_rank(s, rank, energy)
+    root = s[:r].sqrt()
+    b = (u[:, :r] * root).to(dtype)
+    a = (root[:, None] * vh[:r]).to(dtype)
+    resid = float(torch.linalg.norm(d - b.float() @ a.float()))
+    norm = float(torch.linalg.norm(d))
+    err = resid / norm if norm > 0 else 0.0
+    werr = resid / weight_norm if weight_norm > 0 else 0.0
+    return a.cpu(), b.cpu(), r, err, werr
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def _weights_dtype(w) -> torch.dtype:
+    for t in list(w.tensors.values()) + [d.A for d in w.lora.values()]:
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def _student(w, transformer: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(full attention tensors under the transformer's keys, pooling weights under theirs), checked against it."""
+    from clear_cli.models.weights import POOL_SUFFIX, materialize
+
+    pools = {k: v for k, v in w.tensors.items() if k.endswith(POOL_SUFFIX)}
+    rest = {k: v for k, v in w.tensors.items() if k not in pools}
+    modules = dict(transformer.named_modules())
+    missing = [k for k in pools if k[: -len(POOL_SUFFIX)] not in modules]
+    if missing:
+        raise ClearError(f"weights {w.path.name} do not fit this model: pooling weights for attention layers it "
+                         f"does not have ({', '.join(missing[:2])})", "were they made for another model?")
+    full = materialize(transformer, dataclasses.replace(w, tensors=rest))
+    return full, pools
+
+
+def _modules_of(full: dict[str, torch.Tensor], w_name: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Group tensors by module ({module: {"weight": ..., "bias": ...}}); refuse what a LoRA cannot carry."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    bad = []
+    for k, v in full.items():
+        module, _, part = k.rpartition(".")
+        if part not in ("weight", "bias") or (part == "weight" and v.ndim != 2) or (part == "bias" and v.ndim != 1):
+            bad.append(k)
+            continue
+        out.setdefault(module, {})[part] = v
+    if bad:
+        raise ClearError(f"weights {w_name}: {len(bad)} tensor(s) are not linear-layer weights or biases and cannot "
+                         f"go into a LoRA ({', '.join(bad[:2])})", "export them with --format full instead")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- formats
+
+def _lora_tensors(modules, base, cfg: ExportConfig, dtype, device, progress: bool):
+    from tqdm.auto import tqdm
+
+    from clear_cli.models.weights import LORA_PREFIX
+
+    tensors: dict[str, torch.Tensor] = {}
+    layers: list[LayerReport] = []
+    unchanged: list[str] = []
+    for module in tqdm(sorted(modules), desc="SVD", unit="layer", disable=not progress or None, leave=False):
+        parts = modules[module]
+        w_new = parts.get("weight", base[f"{module}.weight"])
+        w_old = base[f"{module}.weight"]
+        dw = w_new.float() - w_old.float()
+        db = parts["bias"].float() - base[f"{module}.bias"].float() if "bias" in parts else None
+        if not dw.any() and (db is None or not db.any()):
+            unchanged.append(module)
+            continue
+        a, b, r, err, werr = low_rank(dw, cfg.rank, cfg.energy, dtype=dtype,
+                                      weight_norm=float(torch.linalg.norm(w_new.float())), device=device)
+        tensors[f"{LORA_PREFIX}{module}.lora_A.weight"] = a
+        tensors[f"{LORA_PREFIX}{module}.lora_B.weight"] = b
+        if db is not None and db.any():
+            tensors[f"{LORA_PREFIX}{module}.lora_B.bias"] = db.to(dtype)
+        layers.append(LayerReport(module, r, min(dw.shape), err, werr))
+    return tensors, layers, unchanged
+
+
+def _comfy_groups(modules, base) -> dict[str, list[tuple[str | None, int]]]:
+    """ComfyUI layer name -> stacked segments [(diffusers module or None for zero rows, rows)]."""
+    groups: dict[str, dict[int, str]] = {}
+    for module in modules:
+        m = _MODULE.match(module)
+        table = _COMFY_DOUBLE if m and m["block"] == "transformer_blocks" else _COMFY_SINGLE
+        if m is None or m["proj"] not in table:
+            raise ClearError(f"{module} has no place in ComfyUI's FLUX layout",
+                             "export it with --format lora or --format full instead")
+        target, slot = table[m["proj"]]
+        prefix = "double_blocks" if m["block"] == "transformer_blocks" else "single_blocks"
+        groups.setdefault(f"lora_unet_{prefix}_{m['i']}_{target}", {})[slot] = f"{m['block']}.{m['i']}.attn."
+    out: dict[str, list[tuple[str | None, int]]] = {}
+    for name, slots in groups.items():
+        attn = next(iter(slots.values()))
+        if name.endswith(("_qkv", "_linear1")):
+            projs = ("add_q_proj", "add_k_proj", "add_v_proj") if "_txt_attn_" in name else ("to_q", "to_k", "to_v")
+            segs: list[tuple[str | None, int]] = [(attn + p, base[f"{attn}{p}.weight"].shape[0]) for p in projs]
+            if name.endswith("_linear1"):  # the mlp input rows ComfyUI fuses after q, k, v
+                block = attn[: -len("attn.")]
+                segs.append((None, base[f"{block}proj_mlp.weight"].shape[0]))
+        else:
+            proj = "to_add_out" if "_txt_attn_" in name else "to_out.0"
+            segs = [(attn + proj, base[f"{attn}{proj}.weight"].shape[0])]
+        out[name] = segs
+    return out
+
+
+def _comfy_tensors(modules, base, cfg: ExportConfig, dtype, device, progress: bool):
+    from tqdm.auto import tqdm
+
+    tensors: dict[str, torch.Tensor] = {}
+    layers: list[LayerReport] = []
+    unchanged: list[str] = []
+    groups = _comfy_groups(modules, base)
+    for name in tqdm(sorted(groups), desc="SVD", unit="layer", disable=not progress or None, leave=False):
+        dws, dbs, news = [], [], []
+        n_in = None
+        for module, rows in groups[name]:
+            if module is None:  # the fused mlp rows: no delta
+                dws.append(None)
+                news.append(None)
+                dbs.append(torch.zeros(rows))
+                continue
+            old_w = base[f"{module}.weight"].float()
+            new_w = modules.get(module, {}).get("weight", base[f"{module}.weight"]).float()
+            n_in = old_w.shape[1]
+            dws.append(new_w - old_w)
+            news.append(new_w)
+            old_b = base.get(f"{module}.bias")
+            new_b = modules.get(module, {}).get("bias", old_b)
+            dbs.append(torch.zeros(rows) if old_b is None else new_b.float() - old_b.float())
+        pad = [i for i, d in enumerate(dws) if d is None]
+        core = torch.cat([d for d in dws if d is not None])  # q/k/v (or proj) rows: the SVD runs on these only
+        db = torch.cat(dbs)
+        if not core.any() and not db.any():
+            unchanged.append(name)
+            continue
+        weight_norm = float(torch.linalg.norm(torch.cat([x for x in news if x is not None])))
+        a, b, r, err, werr = low_rank(core, cfg.rank, cfg.energy, dtype=dtype, weight_norm=weight_norm, device=device)
+        if pad:  # zero rows for the fused mlp input: ComfyUI reshapes up @ down to the whole fused weight
+            rows = sum(rows for module, rows in groups[name] if module is None)
+            b = torch.cat([b, torch.zeros(rows, r, dtype=dtype)])
+        tensors[f"{name}.lora_down.weight"] = a
+        tensors[f"{name}.lora_up.weight"] = b
+        tensors[f"{name}.alpha"] = torch.tensor(float(r), dtype=torch.float32)  # alpha / rank = 1: no rescaling
+        if db.any():
+            tensors[f"{name}.diff_b"] = db.to(dtype)
+        layers.append(LayerReport(name, r, min(core.shape[0], n_in or core.shape[1]), err, werr))
+    return tensors, layers, unchanged
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+
+def export(weights: str | os.PathLike, format: str = "lora", *, rank: int | None = None, energy: float | None = None,
+           model: str | None = None, out: str | os.PathLike | None = None, overwrite: bool = False,
+           window: int | None = None, down_factor: int | None = None, device: str = "auto",
+           progress: bool = True) -> ExportResult:
+    """Export attention weights (ours, published or our LoRA) as a LoRA, a full attention file or a ComfyUI LoRA.
+
+    The delta is taken against `model` (default: the weights' base_model metadata, else FLUX.1-dev), loaded with
+    `load_pipeline`; the output is written atomically and never replaces a file unless `overwrite`.
+    Returns what was written (layers with rank and error, file size); raises ClearError/UsageError on bad input.
+    """
+    from clear_cli.devices import resolve_device
+    from clear_cli.models import DEFAULT_MODEL, load_pipeline
+    from clear_cli.models.weights import (
+        load_attention_weights, pool_key, resolve_geometry, save_attention_weights,
+    )
+
+    cfg = check_options(ExportConfig(format=format, rank=rank, energy=energy, model=model,
+                                     out=None if out is None else str(out), overwrite=overwrite, window=window,
+                                     down_factor=down_factor, device=device))
+    dev = resolve_device(cfg.device)
+    w = load_attention_weights(weights)
+    win, f = resolve_geometry(w, cfg.window, cfg.down_factor)
+    base_name = cfg.model or w.base_model or DEFAULT_MODEL
+    dtype = _weights_dtype(w)
+    pipe = load_pipeline(base_name, dtype=dtype)
+    transformer = pipe.transformer
+    full, pools = _student(w, transformer)
+    if f > 1 and not pools:
+        raise ClearError(f"weights {w.path.name}: down_factor {f} but no pooling weights in the file",
+                         "export from the file distillation wrote, which holds them")
+    # Only what the deltas need (attention layers, and the mlp rows ComfyUI fuses into linear1); the rest goes.
+    base = {k: v.detach().cpu() for k, v in transformer.state_dict().items() if ".attn." in k or ".proj_mlp." in k}
+    del pipe, transformer
+
+    meta: dict[str, object] = {
+        "format": cfg.format, "window": win, "down_factor": f, "base_model": base_name,
+        "source": w.path.name, "source_sha256": w.sha256,
+    }
+    for key in ("steps", "recipe_hash"):
+        if w.metadata.get(key):
+            meta[key] = w.metadata[key]
+    layers: list[LayerReport] = []
+    unchanged: list[str] = []
+    if cfg.format == "full":
+        tensors = {**full, **pools}
+    else:
+        modules = _modules_of(full, w.path.name)
+        make = _lora_tensors if cfg.format == "lora" else _comfy_tensors
+        tensors, layers, unchanged = make(modules, base, cfg, dtype, dev, progress)
+        if not tensors and not pools:
+            raise ClearError(f"weights {w.path.name} equal the base model {base_name}: there is no delta to export",
+                             "check --model (the delta is taken against it)")
+        tensors.update({pool_key(k): v for k, v in pools.items()})
+        meta.update({
+            "rank": cfg.rank, "energy": cfg.energy,
+            "ranks": {r.name: r.rank for r in layers},
+            "errors": {r.name: round(r.error, 6) for r in layers},
+            "weight_errors": {r.name: float(f"{r.weight_error:.3e}") for r in layers},
+        })
+    path = save_attention_weights(cfg.out, tensors, meta)
+    return ExportResult(path=path, format=cfg.format, size_bytes=path.stat().st_size, window=win, down_factor=f,
+                        base_model=base_name, layers=layers, tensors=len(tensors), pools=len(pools),
+                        unchanged=unchanged)
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this module binds it to `clear_cli.export`, shadowing the function of the same name in the
+    package's lazy API; calling the module still runs `export(...)`, so `clear_cli.export(...)` always works."""
+
+    def __call__(self, *args, **kwargs) -> ExportResult:
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

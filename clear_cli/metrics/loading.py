@@ -1,0 +1,97 @@
+"""Where metric networks come from: a hub id (real use) or a local path (offline, tests); one-line errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from clear_cli.errors import ClearError, UsageError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class NetworkUnavailable(ClearError):
+    """A metric network could not be loaded from the hub (offline, gated, not cached)."""
+
+
+def local_dir_or_hub(value: str, option: str) -> str:
+    """`value` as given if it is an existing directory or looks like a hub id; else one clear UsageError."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise UsageError(f"{option} {value} is a file", "pass a model directory (save_pretrained output) or a hub id")
+    if value.startswith((".", "/", "~")) or not _HUB_ID.match(value):
+        raise UsageError(f"{option} {value}: no such local directory",
+                         "check the path, or pass a hub id such as the default")
+    return value
+
+
+_REACHABLE: dict[str, bool] = {}
+
+
+def hub_reachable(host: str = "huggingface.co") -> bool:
+    """Whether the hub can be reached at all; checked once per process so that an offline machine fails in
+    seconds instead of waiting through the hub client's retries for every network. A proxy, or the hub
+    client's offline switch, is left to the client."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    host = os.environ.get("HF_ENDPOINT", host).split("://")[-1].split("/")[0].split(":")[0] or host
+    if host not in _REACHABLE:
+        try:
+            socket.create_connection((host, 443), timeout=5).close()
+            _REACHABLE[host] = True
+        except OSError:
+            _REACHABLE[host] = False
+    return _REACHABLE[host]
+
+
+def from_pretrained(cls, source: str, **kw):
+    """`cls.from_pretrained` from a local dir, the local hub cache (no network at all), or the hub when reachable."""
+    from pathlib import Path as _P
+
+    if _P(source).is_dir():
+        return cls.from_pretrained(source, **kw)
+    try:
+        from huggingface_hub import snapshot_download
+
+        cached = snapshot_download(source, local_files_only=True)
+    except Exception:  # not cached (huggingface_hub raises its own error types)
+        cached = None
+    if cached is not None:
+        return cls.from_pretrained(cached, **kw)
+    if not hub_reachable():
+        raise OSError("not in the local hub cache and the hub cannot be reached (offline)")
+    return cls.from_pretrained(source, **kw)
+
+
+def local_file(value: str, option: str, suffix: str = ".safetensors") -> Path:
+    """An existing weights file with the right suffix; else one clear UsageError."""
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise UsageError(f"{option} {value}: file not found", "check the path (weights are read from local files)")
+    if path.suffix.lower() != suffix:
+        raise UsageError(f"{option} {value}: expected a {suffix} file",
+                         "convert it once (docs/eval.md shows how); pickled weights are never loaded")
+    return path
+
+
+def hub_failure(what: str, source: str, option: str, err: Exception) -> NetworkUnavailable:
+    text = f"{type(err).__name__}: {err}".splitlines()[0][:160]
+    return NetworkUnavailable(f"could not load the {what} {source!r} ({text})",
+                              f"pass a local copy with {option}, or leave the metric out of --metrics")
+
+
+def read_safetensors(path: Path) -> tuple[dict, dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise UsageError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from e

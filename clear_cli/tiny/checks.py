@@ -1,0 +1,214 @@
+"""What the tiny teacher learned, measured: colour following, attention locality, CLEAR without distillation.
+
+- `color_check`: prompts naming one object's colour on a plain background (held-out scene seeds); an image
+  passes when the dominant named colour among the pixels that differ from its own background is the named
+  object colour. A random model lands near 1 in len(COLORS).
+- `attention_locality`: share of image-to-image attention mass within radius r tokens, per layer, measured
+  by a small processor that recomputes the attention probabilities (softmax(QK^T)) beside the real call.
+- `clear_vs_teacher`: the same prompts and seeds drawn with full attention and with CLEAR at small windows
+  (no distillation): PSNR and SSIM of student against teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from clear_cli.tiny import scenes
+
+HELD_OUT = 10**9 + 7  # scene seeds for checks start here; training scenes are drawn below 10**9
+
+
+def color_prompts(n: int = 100, start: int = HELD_OUT) -> list[tuple[str, str, str]]:
+    """(prompt, object colour, background colour) for n single-object plain-background scenes."""
+    out = []
+    for i in range(n):
+        sc = scenes.sample_scene(start + i, n_objects=1, texture="plain")
+        out.append((scenes.caption(sc), sc.objects[0].color, sc.background))
+    return out
+
+
+def dominant_object_color(img: np.ndarray, threshold: float = 0.2) -> str | None:
+    """Named colour most common among pixels far from the image's own background (its border median)."""
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+    bg = np.median(border, axis=0)
+    diff = np.sqrt(((img - bg) ** 2).sum(-1))
+    fg = img[diff > threshold]
+    if len(fg) < 4:
+        return None
+    counts = np.bincount(scenes.nearest_color(fg), minlength=len(scenes.COLOR_NAMES))
+    return scenes.COLOR_NAMES[int(counts.argmax())]
+
+
+def _images(pipe, prompts: Sequence[str], seeds: Sequence[int], size: int, steps: int, batch: int = 25
+            ) -> np.ndarray:
+    """Draw prompts with per-prompt seeded generators: float [N, size, size, 3] in [0, 1].
+
+    The model's own text length is passed explicitly: a stock FluxPipeline would pad to 512 (DESIGN.md §8).
+    """
+    from clear_cli.models import text_len
+
+    out = []
+    for i in range(0, len(prompts), batch):
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i:i + batch]]
+        res = pipe(list(prompts[i:i + batch]), height=size, width=size, num_inference_steps=steps,
+                   generator=gens, output_type="np", max_sequence_length=text_len(pipe))
+        out.append(np.asarray(res.images, dtype=np.float32))
+    return np.concatenate(out)
+
+
+@dataclass
+class ColorResult:
+    rate: float
+    n: int
+    hits: int
+    confusion: dict[str, int] = field(default_factory=dict)
+
+
+def color_check(pipe, n: int = 100, size: int = 128, steps: int = 20) -> ColorResult:
+    """Colour following over n held-out prompts (one object, plain background)."""
+    items = color_prompts(n)
+    imgs = _images(pipe, [p for p, _, _ in items], [HELD_OUT + i for i in range(n)], size, steps)
+    hits = 0
+    misses: dict[str, int] = {}
+    for img, (_, want, _) in zip(imgs, items):
+        got = dominant_object_color(img)
+        if got == want:
+            hits += 1
+        else:
+            key = f"{want}->{got}"
+            misses[key] = misses.get(key, 0) + 1
+    return ColorResult(rate=hits / n, n=n, hits=hits, confusion=misses)
+
+
+def sample_grid(pipe, n: int = 16, size: int = 128, steps: int = 20, start: int = HELD_OUT) -> tuple[np.ndarray, list[str]]:
+    """A square grid image of n held-out scene prompts (for docs and eyeballing) and the prompts."""
+    caps = [scenes.caption(scenes.sample_scene(start + i)) for i in range(n)]
+    imgs = _images(pipe, caps, [start + i for i in range(n)], size, steps)
+    k = int(np.ceil(np.sqrt(n)))
+    pad = np.ones((k * k - n, size, size, 3), np.float32)
+    g = np.concatenate([imgs, pad]).reshape(k, k, size, size, 3).transpose(0, 2, 1, 3, 4).reshape(k * size, k * size, 3)
+    return g, caps
+
+
+class _LocalityProbe:
+    """Attention processor that measures where image queries put their image-to-image attention mass.
+
+    It recomputes softmax(QK^T / sqrt(d)) from the module's own projections, norms and RoPE (the stock FLUX
+    processor's order), adds up the mass per radius, then lets the stock processor produce the output.
+    """
+
+    def __init__(self, index: int, stats: dict, radii: Sequence[int], text_len: int, grid: tuple[int, int]):
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        self.index, self.stats, self.radii, self.text_len = index, stats, list(radii), text_len
+        self.inner = FluxAttnProcessor()
+        h, w = grid
+        yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        pos = torch.stack([yy.flatten(), xx.flatten()], -1).float()
+        self.dist2 = torch.cdist(pos, pos) ** 2  # [HW, HW] squared token distance
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        with torch.no_grad():
+            q = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (-1, attn.head_dim)))
+            k = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (-1, attn.head_dim)))
+            if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+                eq = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
+                ek = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
+                q, k = torch.cat([eq, q], 1), torch.cat([ek, k], 1)
+            if image_rotary_emb is not None:
+                q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+                k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+            t = self.text_len
+            q, k = q.transpose(1, 2).float(), k.transpose(1, 2).float()  # [B, heads, N, d]
+            probs = torch.softmax(q @ k.transpose(-1, -2) / attn.head_dim ** 0.5, dim=-1)
+            ii = probs[:, :, t:, t:]  # image queries -> image keys
+            d2 = self.dist2.to(ii.device)
+            total = float(ii.sum())
+            st = self.stats.setdefault(self.index, {"total": 0.0, **{r: 0.0 for r in self.radii}})
+            st["total"] += total
+            for r in self.radii:
+                st[r] += float((ii * (d2 < r * r)).sum())
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
+@dataclass
+class LocalityResult:
+    size: int
+    grid: tuple[int, int]
+    radii: list[int]
+    layers: list[str]  # "double 0", ..., "single 1"
+    share: list[list[float]]  # [layer][radius]: share of image-to-image mass within the radius
+    uniform: list[float]  # the same share for uniform attention over the grid (the no-locality baseline)
+
+
+def attention_locality(pipe, prompts: Sequence[str] | None = None, size: int = 256, steps: int = 8,
+                       radii: Sequence[int] = (2, 4, 8)) -> LocalityResult:
+    """Share of image-to-image attention mass within radius r tokens, per layer, over a short sampling run."""
+    from clear_cli.models import text_len
+
+    prompts = list(prompts) if prompts else [scenes.caption(scenes.sample_scene(HELD_OUT + i)) for i in range(4)]
+    tr = pipe.transformer
+    g = size // 16
+    stats: dict = {}
+    mods = [m for m in tr.modules() if type(m).__name__ == "FluxAttention"]
+    names = [f"double {i}" for i in range(len(tr.transformer_blocks))] + \
+            [f"single {i}" for i in range(len(tr.single_transformer_blocks))]
+    saved = [m.processor for m in mods]
+    try:
+        for i, m in enumerate(mods):
+            m.set_processor(_LocalityProbe(i, stats, radii, text_len(pipe), (g, g)))
+        _images(pipe, prompts, [HELD_OUT + i for i in range(len(prompts))], size, steps)
+    finally:
+        for m, p in zip(mods, saved):
+            m.set_processor(p)
+    probe = _LocalityProbe(0, {}, radii, 0, (g, g))
+    uniform = [float((probe.dist2 < r * r).float().mean()) for r in radii]
+    share = [[stats[i][r] / stats[i]["total"] for r in radii] for i in range(len(mods))]
+    return LocalityResult(size=size, grid=(g, g), radii=list(radii), layers=names[:len(mods)], share=share,
+                          uniform=uniform)
+
+
+@dataclass
+class ClearQuality:
+    size: int
+    window: int
+    psnr: float
+    ssim: float
+    n: int
+
+
+def clear_vs_teacher(pipe, windows: Sequence[int] = (2, 3, 4), size: int = 256, n: int = 4, steps: int = 20,
+                     backend: str = "auto") -> list[ClearQuality]:
+    """CLEAR without distillation against full attention: mean PSNR/SSIM over n held-out prompts."""
+    from clear_cli import linearize, unlinearize
+    from clear_cli.metrics_basic import psnr, ssim
+
+    prompts = [scenes.caption(scenes.sample_scene(HELD_OUT + i)) for i in range(n)]
+    seeds = [HELD_OUT + i for i in range(n)]
+    teacher = _images(pipe, prompts, seeds, size, steps)
+    out = []
+    try:
+        for r in windows:
+            linearize(pipe, window=int(r), backend=backend)
+            student = _images(pipe, prompts, seeds, size, steps)
+            ps = [psnr(torch.from_numpy(s).permute(2, 0, 1), torch.from_numpy(t).permute(2, 0, 1))
+                  for s, t in zip(student, teacher)]
+            ss = [ssim(torch.from_numpy(s).permute(2, 0, 1), torch.from_numpy(t).permute(2, 0, 1))
+                  for s, t in zip(student, teacher)]
+            out.append(ClearQuality(size=size, window=int(r), psnr=float(np.mean(ps)), ssim=float(np.mean(ss)), n=n))
+    finally:
+        unlinearize(pipe)
+    return out
+
+
+def to_dict(obj: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

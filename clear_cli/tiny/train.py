@@ -1,0 +1,582 @@
+"""Train the tiny FLUX teacher on procedural scenes, on a CPU, seeded and resumable.
+
+Stages (each resumable from its last checkpoint in `out/`):
+1. `vae`: the tiny VAE as an autoencoder on random crops of scenes. It decodes from the latent *mean* with a
+   very small KL weight (decoding sampled latents teaches it to average colours away; DESIGN.md §8).
+2. `cache`: encode a fixed, seeded set of scenes to latent means once (the VAE encoder costs more per image
+   than a transformer step), then measure the latents' shift and scale and store them in the VAE config.
+3. `flux`: the tiny FluxTransformer2DModel by rectified flow matching, in FluxPipeline's own conventions:
+   latents `(z - shift) * scale`, 2x2 packing, img_ids/txt_ids from the pipeline, `timestep = sigma`, a
+   guidance embedding, velocity target `noise - x0`. Text encoders stay frozen at their seeded random
+   weights (one T5 token per caption word is enough to tell captions apart).
+
+Every batch, noise draw and crop is a function of (seed, stage, step), so a resumed run continues exactly as
+an uninterrupted one would. Checkpoints are safetensors (model, AdamW moments, EMA) plus a small JSON state;
+nothing is pickled. The result is one safetensors file that `load_pipeline("tiny")` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clear_cli.config import atomic_write_text, doc, to_dict
+from clear_cli.errors import ClearError, UsageError
+from clear_cli.models import tiny
+from clear_cli.tiny import scenes
+
+RESULT_NAME = "tiny_flux.safetensors"
+STAGES = ("vae", "cache", "flux", "decoder", "done")
+
+
+@dataclass
+class TinyTrainConfig:
+    seed: int = doc(0, "seed of the model init, the scenes, the noise and every batch")
+    res: int = doc(128, "training resolution of the transformer (pixels, multiple of 16)")
+    vae_steps: int = doc(600, "VAE optimizer steps")
+    vae_batch: int = doc(16, "VAE batch (random crops)")
+    vae_crop: int = doc(64, "VAE crop size in pixels (the VAE is convolutional; crops keep it cheap)")
+    vae_lr: float = doc(2e-3, "VAE learning rate (AdamW, cosine to 10%)")
+    kl_weight: float = doc(1e-6, "KL weight of the VAE (very small: decode from the mean)")
+    cache_size: int = doc(16384, "scenes encoded once to latents for the transformer stage")
+    steps: int = doc(4000, "transformer optimizer steps")
+    batch: int = doc(64, "transformer batch")
+    lr: float = doc(1e-3, "transformer learning rate (AdamW, warmup then cosine to 10%)")
+    warmup: int = doc(100, "transformer warmup steps")
+    ema: float = doc(0.998, "EMA decay of the transformer weights (the EMA is what ships)")
+    guidance_range: tuple[float, float] = doc((1.0, 5.0), "guidance values fed to the guidance embedding")
+    decoder_steps: int = doc(800, "VAE decoder steps after the transformer (frozen encoder: latents unchanged)")
+    decoder_batch: int = doc(4, "decoder batch (full-resolution scenes)")
+    decoder_lr: float = doc(1e-3, "decoder learning rate (AdamW, cosine to 10%)")
+    ckpt_every: int = doc(200, "checkpoint every N steps (and at the end of each stage / the time limit)")
+    log_every: int = doc(10, "write the mean loss to train_log.jsonl every N steps")
+    threads: int = doc(2, "torch CPU threads")
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    stage: str
+    step: int
+    finished: bool
+    weights: Path | None
+    seconds: float
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _rng(cfg: TinyTrainConfig, stage: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([cfg.seed & 0xFFFFFFFF, stage, step])
+
+
+def _torch_gen(cfg: TinyTrainConfig, stage: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((cfg.seed * 1_000_003 + stage * 7_919 + step) % (2**63))
+
+
+def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def _to_chw(imgs: np.ndarray) -> torch.Tensor:
+    """[B,H,W,3] in [0,1] -> [B,3,H,W] in [-1,1] (the VAE's range)."""
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous() * 2.0 - 1.0
+
+
+def _save_ckpt(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+               ema: dict[str, torch.Tensor] | None = None) -> None:
+    """Model weights, AdamW moments (per parameter name) and the EMA in one safetensors file."""
+    from safetensors.torch import save_file
+
+    state = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if not st:
+                continue
+            n = names[id(p)]
+            state[f"opt.{n}.exp_avg"] = st["exp_avg"].contiguous()
+            state[f"opt.{n}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+            state[f"opt.{n}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+    for k, v in (ema or {}).items():
+        state[f"ema.{k}"] = v.contiguous()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+
+
+def _load_ckpt(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+               ema: dict[str, torch.Tensor] | None = None) -> None:
+    from safetensors.torch import load_file
+
+    dev = next(model.parameters()).device
+    state = {k: v.to(dev) for k, v in load_file(str(path)).items()}
+    model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+    for n, p in model.named_parameters():
+        if f"opt.{n}.exp_avg" in state:
+            opt.state[p] = {
+                "step": torch.tensor(float(state[f"opt.{n}.step"].item())),  # AdamW keeps it on the CPU
+                "exp_avg": state[f"opt.{n}.exp_avg"].clone(),
+                "exp_avg_sq": state[f"opt.{n}.exp_avg_sq"].clone(),
+            }
+    if ema is not None:
+        for k in ema:
+            if f"ema.{k}" in state:
+                ema[k].copy_(state[f"ema.{k}"])
+
+
+class _Run:
+    """Paths and the JSON state of one training directory."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.ckpt = out / "checkpoints"
+        self.state_path = out / "state.json"
+        self.log_path = out / "train_log.jsonl"
+        self.clock: Callable[[], float] = lambda: 0.0  # seconds spent on the run so far, all calls together
+
+    def state(self) -> dict[str, Any] | None:
+        if not self.state_path.is_file():
+            return None
+        try:
+            return json.loads(self.state_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ClearError(f"{self.state_path} is not valid JSON ({e})",
+                             "delete the folder or pass another --out to start afresh") from e
+
+    def write_state(self, **state: Any) -> None:
+        atomic_write_text(self.state_path, json.dumps(state, indent=1))
+
+    def log(self, **row: Any) -> None:
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
+                mininterval=0.5 if tty else 30.0, file=sys.stderr)
+
+
+# ---------------------------------------------------------------- stage 1: VAE
+
+
+def _vae_batch(cfg: TinyTrainConfig, step: int) -> torch.Tensor:
+    rng = _rng(cfg, 1, step)
+    seeds = rng.integers(0, 10**9, size=cfg.vae_batch)
+    full = max(cfg.res, cfg.vae_crop)
+    imgs = scenes.make_batch(seeds, full)[0]
+    ys = rng.integers(0, full - cfg.vae_crop + 1, size=cfg.vae_batch)
+    xs = rng.integers(0, full - cfg.vae_crop + 1, size=cfg.vae_batch)
+    crops = np.stack([im[y:y + cfg.vae_crop, x:x + cfg.vae_crop] for im, y, x in zip(imgs, ys, xs)])
+    return _to_chw(crops)
+
+
+def vae_loss(vae, x: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, float]:
+    post = vae.encode(x).latent_dist
+    rec = vae.decode(post.mean).sample
+    mse = F.mse_loss(rec, x)
+    loss = mse + 0.5 * F.l1_loss(rec, x) + kl_weight * post.kl().mean() / x[0].numel()
+    return loss, float(mse.detach())
+
+
+# ---------------------------------------------------------------- stage 3: FLUX
+
+
+def encode_text(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(T5 embeddings, pooled CLIP, txt_ids) exactly as FluxPipeline computes them at the tiny text length."""
+    with torch.no_grad():
+        return pipe.encode_prompt(prompt=captions, prompt_2=None, device=pipe.transformer.device,
+                                  max_sequence_length=tiny.TEXT_LEN)
+
+
+def flux_loss(pipe, z: torch.Tensor, captions: list[str], gen: torch.Generator,
+              guidance_range: tuple[float, float]) -> torch.Tensor:
+    """Flow-matching loss on normalised latents z [B,16,h,w] in FluxPipeline's conventions."""
+    b, c, h, w = z.shape
+    emb, pooled, txt_ids = encode_text(pipe, captions)
+    x0 = pipe._pack_latents(z, b, c, h, w)
+    img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, z.device, z.dtype)
+    # Drawn on the CPU generator so that a run's noise does not depend on the device.
+    noise = torch.randn(x0.shape, generator=gen).to(z.device)
+    sigma = torch.sigmoid(torch.randn(b, generator=gen)).to(z.device)  # logit-normal over (0, 1)
+    lo, hi = guidance_range
+    guidance = (lo + (hi - lo) * torch.rand(b, generator=gen)).to(z.device)
+    s = sigma[:, None, None]
+    xt = (1 - s) * x0 + s * noise
+    pred = pipe.transformer(hidden_states=xt, timestep=sigma, guidance=guidance, pooled_projections=pooled,
+                            encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+    return F.mse_loss(pred, noise - x0)
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def _latest_ckpt(run: _Run, stage: str) -> tuple[int, Path] | None:
+    found = sorted(run.ckpt.glob(f"{stage}_*.safetensors"))
+    if not found:
+        return None
+    p = found[-1]
+    return int(p.stem.split("_")[1]), p
+
+
+def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float | None = None,
+          resume: str | None = None, overwrite: bool = False, progress: bool = True,
+          device: str | torch.device = "cpu",
+          on_step: Callable[[str, int, float], None] | None = None) -> TrainResult:
+    """Train (or resume) the tiny teacher in `out`; returns where it stopped.
+
+    resume: None (fresh; refuses a folder that already holds a run unless overwrite), "auto" (continue the
+    run in `out` from its latest checkpoints; starts fresh if there is none). minutes: wall-clock limit for
+    this call; at the limit a checkpoint is written and `finished` is False (rerun with resume="auto").
+    device: where the models train (the recipe is the same; numbers differ within float noise).
+    """
+    from clear_cli.devices import resolve_device
+
+    dev = resolve_device(str(device))
+    cfg = cfg or TinyTrainConfig()
+    if cfg.res % 16 or cfg.res < 32:
+        raise UsageError(f"--res must be a multiple of 16 and at least 32, got {cfg.res}")
+    if resume not in (None, "auto"):
+        raise UsageError(f"--resume takes 'auto', got {resume!r}")
+    out = Path(out)
+    run = _Run(out)
+    prev = run.state()
+    if prev is not None and resume is None:
+        if not overwrite:
+            raise ClearError(f"{out} already holds a training run",
+                             "pass --resume auto to continue it, --overwrite to start again, or another --out")
+        import shutil
+
+        shutil.rmtree(out)
+        prev = None
+    if prev is not None:
+        saved = prev.get("config", {})
+        mine = json.loads(json.dumps(to_dict(cfg)))
+        diff = [k for k in mine if k != "threads" and saved.get(k) != mine[k]]
+        if diff:
+            raise ClearError(f"{out} was trained with other settings ({', '.join(diff)})",
+                             "resume with the same options, or start a new run with another --out")
+    run.ckpt.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    t_start = time.monotonic()
+    deadline = t_start + minutes * 60 if minutes else None
+    spent = float(prev.get("seconds", 0.0)) if prev else 0.0
+    stage = prev["stage"] if prev else "vae"
+
+    run.clock = lambda: spent + time.monotonic() - t_start
+
+    def save_state(stage_now: str, step: int) -> None:
+        run.write_state(stage=stage_now, step=step, config=to_dict(cfg),
+                        seconds=spent + time.monotonic() - t_start)
+
+    comps = tiny.build_components(seed=cfg.seed)
+    for name in tiny.COMPONENT_PREFIXES:
+        comps[name].to(dev)
+    vae = comps["vae"]
+    if stage == "done":
+        result = out / RESULT_NAME
+        return TrainResult(out, "done", cfg.steps, True, result if result.is_file() else None, spent)
+
+    # ---- stage 1: VAE
+    vae_final = run.ckpt / "vae_final.safetensors"
+    if stage == "vae":
+        vae.train()
+        opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        start = 0
+        last = _latest_ckpt(run, "vae") if resume else None
+        if last:
+            start, path = last
+            _load_ckpt(path, vae, opt)
+        bar = _progress(cfg.vae_steps, start, "vae", progress)
+        acc: list[float] = []
+        for step in range(start, cfg.vae_steps):
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, cfg.vae_steps, cfg.vae_lr, 20)
+            loss, mse = vae_loss(vae, _vae_batch(cfg, step).to(dev), cfg.kl_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            acc.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{acc[-1]:.4f}", mse=f"{mse:.4f}")
+            if on_step:
+                on_step("vae", step, acc[-1])
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.vae_steps:
+                run.log(stage="vae", step=done, loss=float(np.mean(acc)), mse=mse,
+                        seconds=round(spent + time.monotonic() - t_start, 1))
+                acc = []
+            out_of_time = deadline is not None and time.monotonic() > deadline
+            if done % cfg.ckpt_every == 0 or done == cfg.vae_steps or out_of_time:
+                _save_ckpt(run.ckpt / f"vae_{done:06d}.safetensors", vae, opt)
+                save_state("vae", done)
+            if out_of_time and done < cfg.vae_steps:
+                bar.close()
+                return TrainResult(out, "vae", done, False, None, spent + time.monotonic() - t_start)
+        bar.close()
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(vae_final))
+        stage = "cache"
+        save_state(stage, 0)
+
+    from safetensors.torch import load_file, save_file
+
+    vae.load_state_dict(load_file(str(vae_final), device=str(dev)))
+    vae.eval()
+
+    # ---- stage 2: latent cache + latent statistics
+    cache_path = run.ckpt / "latents.safetensors"
+    n_lat = cfg.res // 8
+    if stage == "cache":
+        seeds = np.random.default_rng([cfg.seed & 0xFFFFFFFF, 3]).integers(0, 10**9, size=cfg.cache_size)
+        lat = torch.empty(cfg.cache_size, 16, n_lat, n_lat)
+        bar = _progress(cfg.cache_size, 0, "encode", progress)
+        with torch.no_grad():
+            for i in range(0, cfg.cache_size, 64):
+                imgs = scenes.make_batch(seeds[i:i + 64], cfg.res)[0]
+                lat[i:i + 64] = vae.encode(_to_chw(imgs).to(dev)).latent_dist.mean.cpu()
+                bar.update(len(imgs))
+        bar.close()
+        shift, std = float(lat.mean()), float(lat.std())
+        save_file({"latents": lat, "seeds": torch.from_numpy(seeds.astype(np.int64))}, str(cache_path),
+                  metadata={"shift_factor": repr(shift), "scaling_factor": repr(1.0 / std)})
+        run.log(stage="cache", step=cfg.cache_size, shift_factor=shift, scaling_factor=1.0 / std,
+                seconds=round(spent + time.monotonic() - t_start, 1))
+        stage = "flux"
+        save_state(stage, 0)
+
+    from safetensors import safe_open
+
+    with safe_open(str(cache_path), "pt") as f:
+        meta = f.metadata()
+    cache = load_file(str(cache_path))
+    shift, scale = float(meta["shift_factor"]), float(meta["scaling_factor"])
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    latents = ((cache["latents"] - shift) * scale).to(dev)
+    seeds = cache["seeds"].numpy()
+    captions = [scenes.caption(scenes.sample_scene(int(s))) for s in seeds]
+
+    # ---- stage 3: the transformer
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline(**comps)
+    tr = comps["transformer"]
+    flux_final = run.ckpt / "flux_final.safetensors"
+    if stage != "flux":
+        tr.load_state_dict(load_file(str(flux_final), device=str(dev)))
+    else:
+        finished = _flux_stage(cfg, run, pipe, latents, captions, dev, resume, deadline, progress, on_step,
+                               lambda st, n: save_state(st, n))
+        if not finished[0]:
+            return TrainResult(out, "flux", finished[1], False, None, spent + time.monotonic() - t_start)
+        save_file({k: v.contiguous() for k, v in tr.state_dict().items()}, str(flux_final))
+        stage = "decoder"
+        save_state(stage, 0)
+
+    # ---- stage 4: sharpen the decoder on the frozen encoder's latents (the transformer's latent space stays)
+    ok, step = finetune_decoder(vae, cfg, run, dev, resume=resume, deadline=deadline, progress=progress,
+                                on_step=on_step, save_state=lambda st, n: save_state(st, n))
+    if not ok:
+        return TrainResult(out, "decoder", step, False, None, spent + time.monotonic() - t_start)
+    tr.eval()
+    vae.eval()
+    for name in tiny.COMPONENT_PREFIXES:
+        comps[name].to("cpu")
+    seconds = spent + time.monotonic() - t_start
+    result = out / RESULT_NAME
+    tiny.save_trained(comps, result, metadata={
+        "config": json.dumps(to_dict(cfg)), "seconds": f"{seconds:.0f}", "torch": torch.__version__,
+        "command": "clear tiny train", "format": "clear-tiny-flux-1",
+    })
+    save_state("done", cfg.steps)
+    return TrainResult(out, "done", cfg.steps, True, result, seconds)
+
+
+def _flux_stage(cfg, run, pipe, latents, captions, dev, resume, deadline, progress, on_step, save_state
+                ) -> tuple[bool, int]:
+    """Flow matching of the transformer; leaves the EMA weights in it when finished."""
+    tr = pipe.transformer
+    tr.train()
+    opt = torch.optim.AdamW(tr.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    ema = {k: v.detach().clone() for k, v in tr.state_dict().items()}
+    start = 0
+    last = _latest_ckpt(run, "flux") if resume else None
+    if last:
+        start, path = last
+        _load_ckpt(path, tr, opt, ema)
+    bar = _progress(cfg.steps, start, "flux", progress)
+    acc = []
+    for step in range(start, cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+        idx = _rng(cfg, 2, step).integers(0, len(latents), size=cfg.batch)
+        loss = flux_loss(pipe, latents[torch.from_numpy(idx).to(dev)], [captions[i] for i in idx], _torch_gen(cfg, 2, step),
+                         tuple(cfg.guidance_range))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema, (1 + step) / (10 + step))
+            for k, v in tr.state_dict().items():
+                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        acc.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{acc[-1]:.4f}")
+        if on_step:
+            on_step("flux", step, acc[-1])
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            run.log(stage="flux", step=done, loss=float(np.mean(acc)), lr=opt.param_groups[0]["lr"],
+                    seconds=round(run.clock(), 1))
+            acc = []
+        out_of_time = deadline is not None and time.monotonic() > deadline
+        if done % cfg.ckpt_every == 0 or done == cfg.steps or out_of_time:
+            _save_ckpt(run.ckpt / f"flux_{done:06d}.safetensors", tr, opt, ema)
+            save_state("flux", done)
+        if out_of_time and done < cfg.steps:
+            bar.close()
+            return False, done
+    bar.close()
+    tr.load_state_dict(ema)
+    return True, cfg.steps
+
+
+def _decoder_batch(cfg: TinyTrainConfig, step: int) -> torch.Tensor:
+    seeds = _rng(cfg, 4, step).integers(0, 10**9, size=cfg.decoder_batch)
+    return _to_chw(scenes.make_batch(seeds, cfg.res)[0])
+
+
+def finetune_decoder(vae, cfg: TinyTrainConfig, run: "_Run", dev: torch.device, *, resume: str | None,
+                     deadline: float | None, progress: bool = True, on_step=None,
+                     save_state: Callable[[str, int], None] | None = None) -> tuple[bool, int]:
+    """Train only the VAE decoder on full-size scenes from the frozen encoder's latent means."""
+    for p in vae.encoder.parameters():
+        p.requires_grad_(False)
+    vae.train()
+    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=cfg.decoder_lr, weight_decay=0.0)
+    start = 0
+    last = _latest_ckpt(run, "decoder") if resume else None
+    if last:
+        start, path = last
+        _load_ckpt(path, vae, opt)
+    bar = _progress(cfg.decoder_steps, start, "decoder", progress)
+    acc: list[float] = []
+    for step in range(start, cfg.decoder_steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg.decoder_steps, cfg.decoder_lr, 20)
+        x = _decoder_batch(cfg, step).to(dev)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        rec = vae.decode(z).sample
+        mse = F.mse_loss(rec, x)
+        loss = mse + 0.5 * F.l1_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        acc.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{acc[-1]:.4f}")
+        if on_step:
+            on_step("decoder", step, acc[-1])
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.decoder_steps:
+            run.log(stage="decoder", step=done, loss=float(np.mean(acc)), mse=float(mse.detach()),
+                    seconds=round(run.clock(), 1))
+            acc = []
+        out_of_time = deadline is not None and time.monotonic() > deadline
+        if done % cfg.ckpt_every == 0 or done == cfg.decoder_steps or out_of_time:
+            _save_ckpt(run.ckpt / f"decoder_{done:06d}.safetensors", vae, opt)
+            if save_state:
+                save_state("decoder", done)
+        if out_of_time and done < cfg.decoder_steps:
+            bar.close()
+            return False, done
+    bar.close()
+    for p in vae.parameters():
+        p.requires_grad_(True)
+    vae.eval()
+    return True, cfg.decoder_steps
+
+
+def config_from_options(**overrides: Any) -> TinyTrainConfig:
+    """A config with the given non-None fields replaced (unknown names are a usage error)."""
+    names = {f.name for f in dataclasses.fields(TinyTrainConfig)}
+    bad = [k for k in overrides if k not in names]
+    if bad:
+        raise UsageError(f"unknown tiny training setting(s): {', '.join(bad)}")
+    return dataclasses.replace(TinyTrainConfig(), **{k: v for k, v in overrides.items() if v is not None})
+
+
+def install_weights(path: str | Path) -> Path:
+    """Copy a trained result over the shipped tiny weights (atomically) after checking that it loads."""
+    import shutil
+
+    src = Path(path)
+    comps = tiny.build_components(seed=0)
+    try:
+        tiny.load_trained(comps, src)
+    except Exception as e:
+        raise ClearError(f"{src} is not a tiny FLUX weight file ({e})", "pass the tiny_flux.safetensors a run wrote")
+    dst = tiny.TINY_WEIGHTS
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
+def sharpen_decoder(weights: str | Path, out: str | Path, cfg: TinyTrainConfig | None = None, *,
+                    minutes: float | None = None, resume: str | None = None, progress: bool = True,
+                    device: str | torch.device = "cpu") -> TrainResult:
+    """Run only stage 4 (decoder fine-tuning) on an existing tiny weight file; writes out/tiny_flux.safetensors.
+
+    The encoder, the transformer and the text encoders are untouched, so the model draws the same latents.
+    """
+    from safetensors import safe_open
+
+    from clear_cli.devices import resolve_device
+
+    cfg = cfg or TinyTrainConfig()
+    dev = resolve_device(str(device))
+    torch.set_num_threads(cfg.threads)
+    comps = tiny.build_components(seed=cfg.seed)
+    tiny.load_trained(comps, Path(weights))
+    with safe_open(str(weights), "pt") as f:
+        meta = dict(f.metadata() or {})
+    run = _Run(Path(out))
+    run.ckpt.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    run.clock = lambda: time.monotonic() - t0
+    vae = comps["vae"].to(dev)
+    ok, step = finetune_decoder(vae, cfg, run, dev, resume=resume, progress=progress,
+                                deadline=t0 + minutes * 60 if minutes else None)
+    if not ok:
+        return TrainResult(Path(out), "decoder", step, False, None, run.clock())
+    vae.to("cpu")
+    result = Path(out) / RESULT_NAME
+    meta.update(decoder_steps=str(cfg.decoder_steps), decoder_seconds=f"{run.clock():.0f}")
+    meta.pop("vae_config", None)
+    tiny.save_trained(comps, result, metadata=meta)
+    return TrainResult(Path(out), "done", step, True, result, run.clock())

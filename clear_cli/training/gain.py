@@ -1,0 +1,159 @@
+"""Does distillation help? The student's error against the teacher, next to the un-distilled linearized model's.
+
+For held-out prompts and fixed seeds, three images each: the teacher (original model, full attention), the
+zero-shot CLEAR model (same weights, CLEAR attention) and the distilled student (CLEAR + trained weights).
+Errors are MSE against the teacher in pixels ([0, 1]) and in the final latents; the gain is
+1 - error(student) / error(zero-shot).
+
+    python -m clear_cli.training.gain --weights out/distill-tiny/clear_attn.safetensors
+    python -m clear_cli.training.gain --bench --out out/gain-tiny     # synth + distill + measure, from scratch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HELD_OUT_SEED = 1_000_000  # tiny captions from scene seeds >= this are never in recipes/tiny_prompts.txt (0..511)
+
+
+def held_out_prompts(n: int) -> list[str]:
+    """Captions of tiny scenes the tiny recipe's data never saw."""
+    from clear_cli.tiny.scenes import caption, sample_scene
+
+    return [caption(sample_scene(HELD_OUT_SEED + i)) for i in range(n)]
+
+
+def _draw(pipe, embeds, res: int, steps: int, guidance: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images [N,3,H,W] in [0,1], packed final latents) for every prompt, prompt i with seed + i."""
+    t5, pooled = embeds
+    imgs, lats = [], []
+    for i in range(t5.shape[0]):
+        kw = dict(prompt_embeds=t5[i:i + 1], pooled_prompt_embeds=pooled[i:i + 1], width=res, height=res,
+                  num_inference_steps=steps, guidance_scale=guidance, max_sequence_length=t5.shape[1])
+        lat = pipe(**kw, generator=torch.Generator("cpu").manual_seed(seed + i), output_type="latent").images
+        img = pipe(**kw, generator=torch.Generator("cpu").manual_seed(seed + i), output_type="pt").images
+        lats.append(lat.float().cpu())
+        imgs.append(img.float().clamp(0, 1).cpu())
+    return torch.cat(imgs), torch.cat(lats)
+
+
+def _errors(x: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    mse = ((x - ref) ** 2).flatten(1).mean(1)
+    psnr = (10 * torch.log10(1.0 / mse.clamp_min(1e-12))).mean()
+    return {"mse": float(mse.mean()), "psnr_db": float(psnr)}
+
+
+def distill_gain(weights: str | Path, *, model: str | None = None, prompts: list[str] | None = None, n: int = 16,
+                 res: int | None = None, steps: int = 12, guidance: float = 3.5, seed: int = 0,
+                 window: int | None = None, backend: str = "auto") -> dict:
+    """Teacher vs zero-shot CLEAR vs distilled CLEAR on held-out prompts; returns the figures as a dict."""
+    from clear_cli.attention.linearize import linearize
+    from clear_cli.models import load_pipeline, text_len
+    from clear_cli.models.weights import apply_attention_weights, load_attention_weights
+
+    w = load_attention_weights(weights)
+    model = model or w.base_model
+    if model is None:
+        raise ValueError(f"{weights} names no base model: pass model=")
+    r = int(window or w.window)
+    f = int(w.down_factor or 1)
+    res = int(res or json.loads(w.metadata.get("resolution", "null") or "null") or 128)
+    prompts = list(prompts) if prompts is not None else held_out_prompts(n)
+    pipe = load_pipeline(model)
+    with torch.no_grad():
+        t5, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=pipe.device,
+                                           max_sequence_length=text_len(pipe))
+    embeds = (t5, pooled)
+    t0 = time.perf_counter()
+    teacher_img, teacher_lat = _draw(pipe, embeds, res, steps, guidance, seed)
+    linearize(pipe, window=r, down_factor=f, backend=backend)
+    zero_img, zero_lat = _draw(pipe, embeds, res, steps, guidance, seed)
+    apply_attention_weights(pipe.transformer, w)
+    student_img, student_lat = _draw(pipe, embeds, res, steps, guidance, seed)
+    zero, student = _errors(zero_img, teacher_img), _errors(student_img, teacher_img)
+    zero_l = float(((zero_lat - teacher_lat) ** 2).mean())
+    student_l = float(((student_lat - teacher_lat) ** 2).mean())
+    return {
+        "weights": str(weights), "model": model, "window": r, "down_factor": f, "resolution": res,
+        "prompts": len(prompts), "steps": steps, "guidance": guidance, "seed": seed,
+        "trained_steps": json.loads(w.metadata.get("steps", "null") or "null"),
+        "zero_shot": {**zero, "latent_mse": zero_l}, "distilled": {**student, "latent_mse": student_l},
+        "gain_pixel_mse": 1 - student["mse"] / zero["mse"] if zero["mse"] > 0 else 0.0,
+        "gain_latent_mse": 1 - student_l / zero_l if zero_l > 0 else 0.0,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def describe(g: dict) -> str:
+    z, s = g["zero_shot"], g["distilled"]
+    return (f"{g['model']} r={g['window']} f={g['down_factor']} {g['resolution']}px, {g['prompts']} held-out prompts, "
+            f"{g['steps']} sampling steps, student trained {g['trained_steps']} steps\n"
+            f"  error vs teacher     pixel MSE   PSNR dB   latent MSE\n"
+            f"  zero-shot CLEAR      {z['mse']:.5f}    {z['psnr_db']:6.2f}    {z['latent_mse']:.5f}\n"
+            f"  distilled CLEAR      {s['mse']:.5f}    {s['psnr_db']:6.2f}    {s['latent_mse']:.5f}\n"
+            f"  gain: pixel MSE {100 * g['gain_pixel_mse']:.1f}% lower, latent MSE {100 * g['gain_latent_mse']:.1f}% "
+            "lower")
+
+
+def bench(out: Path, *, model: str = "tiny", n_data: int = 256, sets: list[str] | None = None,
+          n_eval: int = 16) -> dict:
+    """From scratch: the teacher draws the tiny recipe's data, `clear distill recipes/tiny.yaml` runs, then the gain."""
+    from clear_cli.cli.app import run
+
+    root = Path(__file__).resolve().parents[2]
+    data, run_dir = out / "synth", out / "distill"
+    synth_cmd = ["synth", "--model", model, "--prompts", str(root / "recipes" / "tiny_prompts.txt"), "--n",
+                 str(n_data), "--res", "128", "--steps", "12", "--out", str(data), "--device", "cpu"]
+    distill_cmd = ["distill", str(root / "recipes" / "tiny.yaml"), "--set", f"data={data}", "--set",
+                   f"model={model}", *sum((["--set", s] for s in sets or []), []), "--out", str(run_dir),
+                   "--overwrite", "--device", "cpu"]
+    times = {}
+    for name, cmd in (("synth", synth_cmd), ("distill", distill_cmd)):
+        t = time.perf_counter()
+        code = run(cmd)
+        times[name] = round(time.perf_counter() - t, 1)
+        if code != 0:
+            raise SystemExit(f"`clear {' '.join(cmd)}` failed with exit code {code}")
+    g = distill_gain(run_dir / "clear_attn.safetensors", n=n_eval)
+    g["commands"] = ["clear " + shlex.join(c) for c in (synth_cmd, distill_cmd)]
+    g["wall_seconds"] = times
+    return g
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m clear_cli.training.gain", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--weights", help="a clear_attn.safetensors from `clear distill`")
+    ap.add_argument("--bench", action="store_true", help="synth + distill (recipes/tiny.yaml) + measure")
+    ap.add_argument("--out", default="out/gain-tiny", help="--bench: working directory")
+    ap.add_argument("--model", default=None, help="teacher (default: the weights' base model; --bench: tiny)")
+    ap.add_argument("--set", action="append", default=[], help="--bench: recipe override key=value")
+    ap.add_argument("--n", type=int, default=16, help="held-out prompts")
+    ap.add_argument("--steps", type=int, default=12, help="sampling steps")
+    ap.add_argument("--json", default=None, help="write the figures here as JSON")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    if args.bench:
+        g = bench(Path(args.out), model=args.model or "tiny", sets=args.set, n_eval=args.n)
+    elif args.weights:
+        g = distill_gain(args.weights, model=args.model, n=args.n, steps=args.steps)
+    else:
+        ap.error("pass --weights FILE or --bench")
+    g["command"] = "python -m clear_cli.training.gain " + shlex.join(sys.argv[1:] if argv is None else argv)
+    print(describe(g))
+    path = Path(args.json) if args.json else (Path(args.out) / "gain.json" if args.bench else None)
+    if path is not None:
+        from clear_cli.config import atomic_write_text
+
+        atomic_write_text(path, json.dumps(g, indent=2) + "\n")
+        print(f"figures: {path}")
+
+
+if __name__ == "__main__":
+    main()

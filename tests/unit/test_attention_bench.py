@@ -1,0 +1,59 @@
+"""`clear bench attention`, in-process at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clear_cli.attention.bench import parse_res
+from clear_cli.cli.app import run
+
+
+def test_parse_res():
+    assert parse_res("1k") == (64, 64)
+    assert parse_res("8k") == (512, 512)
+    assert parse_res("1024x768") == (48, 64)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        parse_res("1000")
+
+
+def test_bench_attention_json(capsys):
+    code = run(["bench", "attention", "--res", "128,160x128", "--window", "3", "--heads", "2", "--head-dim", "8",
+                "--text-len", "5", "--device", "cpu", "--backends", "tiled,reference", "--repeats", "1", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["grid"] for r in rows] == [[8, 8], [8, 10]]
+    r = rows[1]
+    assert r["tokens"] == 5 + 80
+    assert set(r["times_s"]) == {"full", "tiled", "reference"}
+    assert r["speedup"]["tiled"] == pytest.approx(r["times_s"]["full"] / r["times_s"]["tiled"])
+    assert r["efficiency"]["tiled"] == pytest.approx(r["speedup"]["tiled"] / r["flop_ratio"])
+    assert r["exact_tflop"] <= r["paper_tflop"] <= r["full_tflop"]
+    assert r["schedules"]["flex"]["image_work_over_exact"] >= 1.0
+
+
+def test_bench_attention_paper_check_table(capsys):
+    code = run(["bench", "attention", "--res", "8k", "--window", "8", "--no-timing"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "full 847.727" in out and "paper 3.9235" in out and "exact 3.9154" in out
+
+
+def test_bench_attention_skips_full_when_too_big(capsys):
+    code = run(["bench", "attention", "--res", "256", "--window", "2", "--heads", "1", "--head-dim", "8",
+                "--text-len", "0", "--device", "cpu", "--backends", "tiled", "--repeats", "1",
+                "--max-full-tflop", "1e-12", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert "full" not in rows[0]["times_s"] and "full attention not timed" in rows[0]["notes"][0]
+
+
+@pytest.mark.parametrize("args, words", [(["--res", "1000"], "multiples of 16"),
+                                         (["--backends", "fast"], "unknown backend 'fast'"),
+                                         (["--res", "1k", "--down-factor", "3"], "does not divide")])
+def test_bench_attention_bad_options(capsys, args, words):
+    code = run(["bench", "attention", "--no-timing", *args])
+    assert code == 2
+    assert words in capsys.readouterr().err
