@@ -64,6 +64,11 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
         errors.append(sub[0] if sub else f"{path}: invalid value {value!r}")
         return value
     if origin is typing.Literal:
+        if isinstance(value, bool) and value not in args:
+            # YAML 1.1 reads `no`/`yes`/`off`/`on` as booleans; map back when the choice list has the word
+            for word in (("no", "off", "false") if value is False else ("yes", "on", "true")):
+                if word in args:
+                    return word
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -99,6 +104,11 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
             errors.append(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads `1e-4` (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(f"{path}: expected a number, got {value!r}")
             return value

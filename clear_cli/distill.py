@@ -25,9 +25,7 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from clear_cli._api import callable_module
 from clear_cli.config import apply_overrides, atomic_write_text, to_dict
 from clear_cli.errors import ClearError, UsageError
 from clear_cli.training.recipe import (
@@ -632,7 +631,7 @@ class Distiller:
         if start == 0:
             self.validate(None)
         log: list[dict] = []
-        bar = tqdm(total=r.train.steps, initial=start, desc="distill", unit="step", dynamic_ncols=True,
+        bar = tqdm(total=r.train.steps, initial=start, desc="distill", unit="step", dynamic_ncols=True, mininterval=1.0,
                    disable=not (self.progress and self.acc.is_local_main_process))
         last_saved = start if self.p.resume_from is not None else -1
         step = start
@@ -737,13 +736,4 @@ def distill(recipe: str | Path | Recipe | dict | None = None, *, overrides: list
     return run.run()
 
 
-class _CallableModule(types.ModuleType):
-    """`import clear_cli.distill` binds the package attribute `distill` to this module, shadowing the function
-    that `clear_cli._API` exposes under the same name; calling the module calls the function, so
-    `clear_cli.distill(...)` works whichever one the name resolves to."""
-
-    def __call__(self, *args, **kwargs) -> DistillResult:
-        return distill(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+callable_module(__name__, "distill")  # clear_cli.distill(...) works even after `import clear_cli.distill`

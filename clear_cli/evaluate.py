@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clear_cli._api import callable_module
 from clear_cli.config import atomic_write_text, doc
 from clear_cli.errors import UsageError
 
@@ -597,3 +598,6 @@ def _evaluate_cascade(cfg: EvalConfig, pipe, studs: list[Student], prompts: list
                     "base_height": base[1] if base else None, "students": rows},
     }
     return _finish(result, out, prompts, say)
+
+
+callable_module(__name__, "evaluate")  # clear_cli.evaluate(...) works even after `import clear_cli.evaluate`

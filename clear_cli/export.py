@@ -25,13 +25,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import sys
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from clear_cli._api import callable_module
 from clear_cli.config import doc
 from clear_cli.errors import ClearError, UsageError
 
@@ -401,12 +400,4 @@ def export(weights: str | os.PathLike, format: str = "lora", *, rank: int | None
                         unchanged=unchanged)
 
 
-class _CallableModule(types.ModuleType):
-    """Importing this module binds it to `clear_cli.export`, shadowing the function of the same name in the
-    package's lazy API; calling the module still runs `export(...)`, so `clear_cli.export(...)` always works."""
-
-    def __call__(self, *args, **kwargs) -> ExportResult:
-        return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+callable_module(__name__, "export")  # clear_cli.export(...) works even after `import clear_cli.export`

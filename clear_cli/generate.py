@@ -32,15 +32,14 @@ import json
 import math
 import os
 import re
-import sys
 import time
-import types
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clear_cli._api import callable_module
 from clear_cli.config import doc
 from clear_cli.errors import ClearError, UsageError
 
@@ -811,13 +810,4 @@ def _run_all(runner: _Runner, plans, stages: list[Stage], cfg: GenConfig, base_i
 
 
 
-class _CallableModule(types.ModuleType):
-    """`import clear_cli.generate` binds the package attribute `generate` to this module, shadowing the function
-    that `clear_cli._API` exposes under the same name; calling the module calls the function, so
-    `clear_cli.generate(...)` works whichever one the name resolves to (as clear_cli.export/distill do)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> list[GenOutput]:
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+callable_module(__name__, "generate")  # clear_cli.generate(...) works even after `import clear_cli.generate`

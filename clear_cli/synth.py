@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from clear_cli._api import callable_module
 from clear_cli.config import atomic_write_text, doc
 from clear_cli.data import layout, store
 from clear_cli.errors import ClearError, UsageError
@@ -612,3 +613,6 @@ def _check_sources(plan: _Plan, card: dict) -> None:
         what = old.get("from_images") if plan.mode == "import" else old.get("prompts")
         raise ClearError(f"{what} changed since {plan.root} was made; a repair would not match the rest",
                          "restore the original file(s), or start over with --overwrite")
+
+
+callable_module(__name__, "synth")  # clear_cli.synth(...) works even after `import clear_cli.synth`

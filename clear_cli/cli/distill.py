@@ -8,13 +8,13 @@ import typer
 
 
 def distill(
-    recipe: Path = typer.Argument(..., help="Recipe YAML, e.g. recipes/tiny.yaml or recipes/flux_dev.yaml."),
-    set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set train.steps=100 (repeatable)."),
-    resume: str = typer.Option(None, "--resume", help="auto (latest checkpoint in --out, else start) or a "
+    recipe: Path = typer.Argument(..., metavar="RECIPE.yaml", help="Recipe YAML, e.g. recipes/tiny.yaml or recipes/flux_dev.yaml."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a recipe key: --set train.steps=100 (repeatable)."),
+    resume: str = typer.Option(None, "--resume", metavar="auto|PATH", help="auto (latest checkpoint in --out, else start) or a "
                                                       "checkpoint directory OUT/checkpoints/step_N."),
-    out: Path = typer.Option(None, "--out", help="Output directory (default: the recipe's `out`, else out/distill)."),
+    out: Path = typer.Option(None, "--out", metavar="DIR", help="Output directory (default: the recipe's `out`, else out/distill)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete a previous run in --out and start over."),
-    device: str = typer.Option("auto", "--device", help="auto (accelerate's choice) or cpu."),
+    device: str = typer.Option("auto", "--device", metavar="auto|cpu", help="auto (accelerate's choice) or cpu."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar (main process only)."),
 ) -> None:
     """Train the attention projections of a CLEAR-linearized model to match the original (teacher) model.

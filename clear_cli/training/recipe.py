@@ -212,22 +212,6 @@ def _drop(data: dict, path: str) -> None:
         node.pop(keys[-1], None)
 
 
-def _yaml11(data: dict) -> dict:
-    """Undo two YAML 1.1 traps before checking: `no` reads as false, and `1e-4` (no dot) as a string."""
-    train = data.get("train")
-    if isinstance(train, dict):
-        if train.get("mixed_precision") is False:
-            train["mixed_precision"] = "no"
-        for key in ("lr", "weight_decay", "max_grad_norm", "logit_mean", "logit_std", "guidance"):
-            v = train.get(key)
-            if isinstance(v, str):
-                try:
-                    train[key] = float(v)
-                except ValueError:
-                    pass  # reported as a type error
-    return data
-
-
 def recipe_problems(data: dict) -> tuple[Recipe | None, list[str], Recipe | None]:
     """(recipe or None, every problem, partial) for a recipe mapping.
 
@@ -237,7 +221,7 @@ def recipe_problems(data: dict) -> tuple[Recipe | None, list[str], Recipe | None
     """
     from clear_cli.config import _from_dict
 
-    data = _yaml11(copy.deepcopy(data))
+    data = copy.deepcopy(data)
     errors: list[str] = []
     recipe = _from_dict(Recipe, copy.deepcopy(data), "", errors)
     rest = copy.deepcopy(data)

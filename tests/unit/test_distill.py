@@ -100,7 +100,8 @@ def test_trains_exactly_the_attention_projections_and_writes_outputs(data, tmp_p
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
     for r in log:
-        assert r["loss"] == pytest.approx(r["fm"] + 0.5 * r["pred"] + 0.5 * r["attn"], rel=1e-5)
+        w = recipe.loss
+        assert r["loss"] == pytest.approx(w.fm * r["fm"] + w.pred * r["pred"] + w.attn * r["attn"], rel=1e-5)
         assert r["pred"] > 0 and r["attn"] > 0 and r["lr"] > 0
 
 
@@ -110,13 +111,24 @@ def test_only_trainable_parameters_require_grad_and_change(data, tmp_path):
 
     pipe = load_pipeline("tiny-random")
     before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
-    run(data, tmp_path / "r", pipe=pipe)
+    result = run(data, tmp_path / "r", pipe=pipe)
     tr = pipe.transformer
     grads = {n for n, p in tr.named_parameters() if p.requires_grad}
     assert grads == set(trainable_attention_parameters(tr)) == expected_trainable()
     after = tr.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == expected_trainable()
+    # The teacher costs one frozen copy of exactly these projections (fp32 here), not a second model.
+    assert result.teacher_copy_bytes == 4 * sum(before[k].numel() for k in expected_trainable())
+
+
+def test_memory_against_two_copies_for_flux_dev():
+    from clear_cli.training.memory import flux_dev_figure
+
+    fig = flux_dev_figure(dtype_bytes=2)
+    assert round(fig.params / 1e9, 1) == 11.9 and round(fig.trained / 1e9, 2) == 1.79  # DESIGN.md §4
+    assert fig.saved_bytes == (fig.params - fig.teacher_copy) * 2
+    assert 18 * 1024 ** 3 < fig.saved_bytes < 20 * 1024 ** 3  # ~18.8 GiB of bf16 weights saved
 
 
 def test_teacher_pass_reproduces_the_original_model_exactly(data, tmp_path):

@@ -129,3 +129,36 @@ def test_config_overrides_and_round_trip(tmp_path):
         load_config(_Recipe, tmp_path / "bad.yaml")
     with pytest.raises(UsageError, match="not found"):
         load_config(_Recipe, tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("name", ["synth", "distill", "evaluate", "export", "generate"])
+def test_job_api_stays_callable_after_its_module_is_imported(name):
+    import importlib
+
+    import clear_cli
+
+    importlib.import_module(f"clear_cli.{name}")  # binds the module to the package attribute
+    job = getattr(clear_cli, name)
+    assert callable(job)
+    assert job.__doc__  # the function's docs travel with it
+
+
+def test_package_exports_the_documented_api():
+    import clear_cli
+
+    for name in ("linearize", "unlinearize", "load_pipeline", "clear_attention", "count_pairs"):
+        assert callable(getattr(clear_cli, name)), name
+
+
+def test_config_undoes_yaml_1_1_traps(tmp_path):
+    @dataclasses.dataclass
+    class _Train:
+        lr: float = doc(1.0, "learning rate")
+        mixed_precision: Literal["no", "bf16", "fp16"] = doc("bf16", "autocast dtype")
+
+    path = tmp_path / "t.yaml"
+    path.write_text("lr: 1e-4\nmixed_precision: no\n")  # YAML 1.1: a string and a boolean
+    cfg = load_config(_Train, path)
+    assert cfg.lr == 1e-4 and cfg.mixed_precision == "no"
+    with pytest.raises(UsageError, match="lr: expected a number"):
+        from_dict(_Train, {"lr": "fast"})
