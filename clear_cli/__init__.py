@@ -20,6 +20,7 @@ _API = {
     "synth": "clear_cli.synth",
     "evaluate": "clear_cli.evaluate",
     "distill": "clear_cli.distill",
+    "demo": "clear_cli.demo",
 }
 
 

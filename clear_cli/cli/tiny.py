@@ -19,7 +19,7 @@ def train_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of init, scenes, noise and batches."),
     res: int = typer.Option(128, "--res", help="Training resolution in pixels (multiple of 16)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Transformer steps (default 4000)."),
-    vae_steps: Optional[int] = typer.Option(None, "--vae-steps", help="VAE steps (default 600)."),
+    vae_steps: Optional[int] = typer.Option(None, "--vae-steps", help="VAE steps (default 2000)."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Transformer batch (default 64)."),
     cache_size: Optional[int] = typer.Option(None, "--cache-size", help="Scenes encoded to latents (default 16384)."),
     threads: int = typer.Option(2, "--threads", help="torch CPU threads."),
@@ -43,6 +43,30 @@ def train_cmd(
     print(f"done in {result.seconds / 60:.1f} min: {result.weights}")
     if install and result.weights is not None:
         print(f"installed: {install_weights(result.weights)}")
+
+
+@tiny_app.command("check")
+def check_cmd(
+    model: str = typer.Option("tiny", "--model", help="`tiny` (shipped weights), `tiny-random`, or a weight file."),
+    n: int = typer.Option(100, "--n", help="Prompts in the colour check."),
+    steps: int = typer.Option(20, "--steps", help="Sampling steps."),
+    locality: bool = typer.Option(True, "--locality/--no-locality", help="Measure attention locality at 256 px."),
+    clear: bool = typer.Option(True, "--clear/--no-clear", help="CLEAR r=2-4 vs full attention at 256 px."),
+    device: str = typer.Option("cpu", "--device", help="cpu, auto, cuda or cuda:N."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the figures as JSON here."),
+) -> None:
+    """Colour following (vs the random model), attention locality, and CLEAR without distillation."""
+    import json
+
+    from clear_cli.tiny.checks import run_checks
+
+    res = run_checks(model, n=n, steps=steps, locality=locality, clear=clear, device=device,
+                     echo=lambda line: print(line, flush=True))
+    if out is not None:
+        from clear_cli.config import atomic_write_text
+
+        atomic_write_text(out, json.dumps(res, indent=1))
+        print(f"wrote {out}")
 
 
 def register(app: typer.Typer) -> None:

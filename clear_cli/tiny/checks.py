@@ -212,3 +212,56 @@ def to_dict(obj: Any) -> Any:
     import dataclasses
 
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def _pipe(model: str, device: str):
+    from pathlib import Path
+
+    from clear_cli.errors import UsageError
+    from clear_cli.models import load_pipeline
+    from clear_cli.models import tiny as tiny_mod
+
+    if model in ("tiny", "tiny-random"):
+        return load_pipeline(model, device=device)
+    path = Path(model)
+    if not path.is_file():
+        raise UsageError(f"--model {model!r} is not tiny, tiny-random or a tiny weight file")
+    pipe = load_pipeline("tiny-random", device="cpu")
+    tiny_mod.load_trained({"transformer": pipe.transformer, "vae": pipe.vae, "text_encoder": pipe.text_encoder,
+                           "text_encoder_2": pipe.text_encoder_2}, path)
+    from clear_cli.devices import resolve_device
+
+    return pipe.to(resolve_device(device))
+
+
+def run_checks(model: str = "tiny", *, n: int = 100, steps: int = 20, locality: bool = True, clear: bool = True,
+               device: str = "cpu", echo=print) -> dict:
+    """All checks for a tiny model, with the random model's colour rate beside it; returns a JSON-able dict."""
+    import time
+
+    res: dict = {"model": model, "n": n, "steps": steps}
+    for name in (model, "tiny-random"):
+        t = time.time()
+        c = color_check(_pipe(name, device), n=n, steps=steps)
+        key = "color" if name == model else "color_random"
+        res[key] = to_dict(c)
+        echo(f"colour following ({name}): {c.hits}/{c.n} = {c.rate:.0%}  [{time.time() - t:.0f} s]")
+    pipe = _pipe(model, device)
+    if locality:
+        loc = attention_locality(pipe)
+        res["locality"] = to_dict(loc)
+        echo(f"attention locality at {loc.size} px ({loc.grid[0]}x{loc.grid[1]} tokens): image-to-image mass within r")
+        echo("  layer      " + "  ".join(f"r={r:<4}" for r in loc.radii))
+        for name, row in zip(loc.layers, loc.share):
+            echo(f"  {name:<10} " + "  ".join(f"{v:6.1%}" for v in row))
+        echo("  uniform    " + "  ".join(f"{v:6.1%}" for v in loc.uniform))
+    if clear:
+        try:
+            qs = clear_vs_teacher(pipe, steps=steps)
+        except ImportError as e:  # clear_cli.linearize not available in this build
+            echo(f"CLEAR comparison skipped ({e})")
+        else:
+            res["clear"] = [to_dict(q) for q in qs]
+            for q in qs:
+                echo(f"CLEAR r={q.window} vs full attention at {q.size} px: PSNR {q.psnr:.2f} dB, SSIM {q.ssim:.3f} (n={q.n})")
+    return res

@@ -1,0 +1,102 @@
+"""The tiny trainer (seeded, resumable) and the shipped tiny weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from clear_cli.errors import ClearError
+from clear_cli.tiny.train import config_from_options, train
+
+SMALL = dict(res=32, vae_steps=2, vae_batch=2, vae_crop=32, cache_size=8, steps=4, batch=2, warmup=2,
+             decoder_steps=2, decoder_batch=1, ckpt_every=2, log_every=1, threads=1)
+
+
+def _last_losses(path):
+    rows = [json.loads(line) for line in open(path)]
+    last = {}
+    for r in rows:  # a resumed run repeats the steps after its checkpoint: keep the latest row of each
+        if "loss" in r:
+            last[(r["stage"], r["step"])] = r["loss"]
+    return last
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    cfg = config_from_options(**SMALL)
+    full = train(tmp_path / "a", cfg, progress=False)
+    assert full.finished and full.weights.is_file()
+
+    def stop(stage, step, loss):
+        if stage == "flux" and step == 2:  # after the checkpoint at step 2 was written
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "b", cfg, progress=False, on_step=stop)
+    state = json.loads((tmp_path / "b" / "state.json").read_text())
+    assert state["stage"] == "flux" and state["step"] == 2
+    with pytest.raises(ClearError, match="already holds") as err:
+        train(tmp_path / "b", cfg, progress=False)
+    assert "--resume auto" in err.value.hint
+    resumed = train(tmp_path / "b", cfg, progress=False, resume="auto")
+    assert resumed.finished
+    la, lb = _last_losses(tmp_path / "a" / "train_log.jsonl"), _last_losses(tmp_path / "b" / "train_log.jsonl")
+    assert la.keys() == lb.keys()
+    for k in la:
+        assert la[k] == pytest.approx(lb[k], rel=1e-5, abs=1e-6), k
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(full.weights)), load_file(str(resumed.weights))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+    # a finished run resumed again is a no-op; other settings are refused
+    assert train(tmp_path / "b", cfg, progress=False, resume="auto").finished
+    with pytest.raises(ClearError, match="other settings"):
+        train(tmp_path / "b", config_from_options(**{**SMALL, "steps": 5}), progress=False, resume="auto")
+
+
+def test_trained_file_loads_into_the_stock_pipeline(tmp_path):
+    from diffusers import FluxPipeline
+
+    from clear_cli.models import tiny
+
+    cfg = config_from_options(**SMALL)
+    res = train(tmp_path / "r", cfg, progress=False)
+    comps = tiny.build_components(0)
+    tiny.load_trained(comps, res.weights)
+    log = [json.loads(line) for line in open(tmp_path / "r" / "train_log.jsonl")]
+    stats = next(r for r in log if r["stage"] == "cache")
+    # the measured latent statistics travel in the file into the VAE config
+    assert comps["vae"].config.scaling_factor == pytest.approx(stats["scaling_factor"])
+    assert comps["vae"].config.shift_factor == pytest.approx(stats["shift_factor"])
+    pipe = FluxPipeline(**comps)
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe("a red circle in the center on a blue background", height=32, width=32, num_inference_steps=2,
+               max_sequence_length=tiny.TEXT_LEN, output_type="np").images[0]
+    assert img.shape == (32, 32, 3) and np.isfinite(img).all()
+
+
+def test_bad_options_are_usage_errors(tmp_path, capsys):
+    from clear_cli.cli.app import run
+
+    assert run(["tiny", "train", "--out", str(tmp_path / "x"), "--res", "100"]) == 2
+    assert "--res" in capsys.readouterr().err
+    assert run(["tiny", "train", "--out", str(tmp_path / "x"), "--resume", "latest"]) == 2
+
+
+def test_shipped_weights_load_and_draw():
+    from clear_cli.models import load_pipeline, text_len
+    from clear_cli.models.tiny import TINY_WEIGHTS
+
+    assert TINY_WEIGHTS.is_file(), "the trained tiny weights must ship in clear_cli/assets/"
+    assert TINY_WEIGHTS.stat().st_size <= 10.5 * 2**20
+    pipe = load_pipeline("tiny")
+    assert text_len(pipe) == 32
+    assert pipe.vae.config.scaling_factor != 1.0  # measured latent scale, not the default
+    g = torch.Generator().manual_seed(0)
+    img = pipe("a large red circle in the center on a blue background", height=128, width=128,
+               num_inference_steps=4, generator=g, output_type="np").images[0]
+    assert img.shape == (128, 128, 3) and np.isfinite(img).all()
