@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import re
 import tempfile
 import warnings
@@ -459,8 +460,31 @@ def save_attention_weights(path: str | os.PathLike, tensors: Mapping[str, torch.
     os.close(fd)
     try:
         save_file(clean, tmp, metadata=meta)
+        _canonical_header(Path(tmp))
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return out
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header with sorted keys, so equal tensors + metadata give equal bytes.
+
+    safetensors writes its metadata map in no fixed order (a Rust HashMap): the same weights saved twice would hash
+    differently, and caches keyed by the file's sha256 (eval) would look stale. Data offsets are relative to the
+    end of the header, so only the header changes; the data is streamed, never held in memory twice.
+    """
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        new = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        new += b" " * (-len(new) % 8)  # safetensors pads the header to 8 bytes with spaces
+        if new == json.dumps(header).encode():
+            return
+        tmp = path.with_name(path.name + ".hdr")
+        with open(tmp, "wb") as g:
+            g.write(len(new).to_bytes(8, "little"))
+            g.write(new)
+            shutil.copyfileobj(f, g, 16 << 20)
+    os.replace(tmp, path)

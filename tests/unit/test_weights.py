@@ -236,3 +236,26 @@ def test_writer_encodes_metadata_as_json_strings(tmp_path):
     assert meta == {"window": "16", "base_model": "tiny", "ranks": json.dumps({"x": 4})}
     assert W.processor_key(W.pool_key("single_transformer_blocks.3.attn.processor.spatial_weight")) == \
         "single_transformer_blocks.3.attn.processor.spatial_weight"
+
+
+def test_saving_the_same_weights_twice_gives_identical_bytes(tmp_path):
+    """The file's sha256 keys caches (eval): equal tensors + metadata must give equal bytes in any process."""
+    import hashlib
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from clear_cli.models.weights import save_attention_weights, load_attention_weights\n"
+        "t = {f'transformer_blocks.{i}.attn.to_q.weight': torch.arange(12.).reshape(3, 4) + i for i in range(3)}\n"
+        "meta = {'window': 4, 'down_factor': 1, 'base_model': 'tiny', 'steps': 3, 'recipe_hash': 'ab', 'x': 'y'}\n"
+        "save_attention_weights(sys.argv[1], t, meta)\n"
+        "w = load_attention_weights(sys.argv[1])\n"
+        "assert torch.equal(w.tensors['transformer_blocks.2.attn.to_q.weight'], t['transformer_blocks.2.attn.to_q.weight'])\n"
+    )
+    digests = set()
+    for i in range(3):  # separate processes: hash-map order differs between processes, not within one
+        p = tmp_path / f"w{i}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(p)], check=True, timeout=120)
+        digests.add(hashlib.sha256(p.read_bytes()).hexdigest())
+    assert len(digests) == 1
