@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from clear_cli._api import callable_module
+from clear_cli.resolution import parse_res
 from clear_cli.config import doc
 from clear_cli.errors import ClearError, UsageError
 
@@ -47,7 +48,6 @@ FLUX_BASE_RES = 1024
 TINY_BASE_RES = 128  # the size the built-in tiny FLUX trains at (clear_cli/models/tiny.py, docs/tiny.md)
 TINY_NAMES = ("tiny", "tiny-random")
 DEFAULT_NTK = 10.0  # the authors' factor for every high-resolution stage
-MAX_SIDE = 16384
 START_SIGMA_LIMIT = 0.95  # a refinement stage starting above this has (almost) thrown its input away
 
 Log = Callable[[str], None]
@@ -133,32 +133,6 @@ class GenOutput:
 
 
 # ------------------------------------------------------------------------------------------- parsing
-
-def parse_res(text: str | int, what: str = "--res") -> tuple[int, int]:
-    """`1k|2k|4k|8k` (n x 1024 square), `WxH`, or one number -> (width, height); sides multiples of 16."""
-    s = str(text).strip().lower()
-    m_k = re.fullmatch(r"(\d+)k", s)
-    m_wh = re.fullmatch(r"(\d+)\s*[x*]\s*(\d+)", s)
-    if m_k:
-        w = h = int(m_k.group(1)) * 1024
-    elif m_wh:
-        w, h = int(m_wh.group(1)), int(m_wh.group(2))
-    elif re.fullmatch(r"\d+", s):
-        w = h = int(s)
-    else:
-        raise UsageError(f"{what} {text!r} is not a size", "use 1k, 2k, 4k, 8k, WxH (e.g. 2048x1024) or one number")
-    for side in (w, h):
-        if side <= 0:
-            raise UsageError(f"{what} {text}: sizes must be positive", "e.g. --res 1024 or --res 2k")
-        if side % 16:
-            lo, hi = side // 16 * 16, side // 16 * 16 + 16
-            alt = f"{lo} or {hi}" if lo > 0 else str(hi)
-            raise UsageError(f"{what} {text}: {side} is not a multiple of 16 (FLUX packs 16x16 pixels per token)",
-                             f"use {alt}")
-        if side > MAX_SIDE:
-            raise UsageError(f"{what} {text}: {side} px is above the {MAX_SIDE} px limit")
-    return w, h
-
 
 def slug(prompt: str, max_len: int = 48) -> str:
     """A file-name-safe short form of a prompt: `a blue plane!` -> `a-blue-plane`."""

@@ -8,7 +8,6 @@ none) before importing anything heavy. Everything else goes to the toolkit (`cle
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 
 _CLEAR_FLAGS = {"-x", "-V"}

@@ -8,7 +8,6 @@ medians of full SDPA and each CLEAR backend (repeats interleaved so drift hits a
 
 from __future__ import annotations
 
-import re
 import resource
 import statistics
 import time
@@ -42,20 +41,9 @@ class AttentionBenchConfig:
 
 def parse_res(text: str) -> tuple[int, int]:
     """'1k' -> 1024 px square, '1024', '1024x768' (width x height) -> token grid (H, W)."""
-    s = text.strip().lower()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)k", s)
-    if m:
-        px = int(round(float(m.group(1)) * 1024))
-        wpx, hpx = px, px
-    elif re.fullmatch(r"\d+", s):
-        wpx = hpx = int(s)
-    elif re.fullmatch(r"\d+x\d+", s):
-        wpx, hpx = (int(x) for x in s.split("x"))
-    else:
-        raise ValueError(f"resolution {text!r} is not 1k/2k/4k/8k, a pixel size like 1024, or WxH like 1024x768")
-    if wpx % PIXELS_PER_TOKEN or hpx % PIXELS_PER_TOKEN or wpx <= 0 or hpx <= 0:
-        raise ValueError(f"resolution {text!r}: width and height must be positive multiples of {PIXELS_PER_TOKEN} px")
-    return hpx // PIXELS_PER_TOKEN, wpx // PIXELS_PER_TOKEN
+    from clear_cli.resolution import token_grid
+
+    return token_grid(text)
 
 
 def schedule_work(backend: str, grid: tuple[int, int], text_len: int, window: int, down_factor: int = 1,

@@ -47,10 +47,7 @@ def register(app: typer.Typer) -> None:
                              "--text-len >= 0")
         resolutions = _split(res)
         for r in resolutions:
-            try:
-                grid = parse_res(r)
-            except ValueError as e:
-                raise UsageError(f"--res: {e}") from None
+            grid = parse_res(r)
             if grid[0] % down_factor or grid[1] % down_factor:
                 raise UsageError(f"--down-factor {down_factor} does not divide the {grid[0]}x{grid[1]} token grid "
                                  f"of --res {r}")

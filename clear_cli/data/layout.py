@@ -16,12 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from clear_cli.errors import ClearError, UsageError
+from clear_cli.errors import ClearError
+from clear_cli.resolution import parse_res  # noqa: F401  (one --res rule for every command)
 
 FORMAT = "clear-synth"
 FORMAT_VERSION = 1
@@ -39,28 +39,6 @@ POOLED = "pooled_embeds"
 LATENT_MEAN = "latent_mean"
 LATENT_STD = "latent_std"
 
-PATCH = 16  # pixels per FLUX token: VAE x8 then 2x2 packing
-
-
-def parse_res(text: str | int) -> tuple[int, int]:
-    """`1k` / `2k` (x1024), `768` (square) or `1024x768` (width x height) -> (width, height), multiples of 16."""
-    raw = str(text).strip().lower()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)k", raw)
-    if m:
-        w = h = int(round(float(m.group(1)) * 1024))
-    elif re.fullmatch(r"\d+", raw):
-        w = h = int(raw)
-    elif re.fullmatch(r"\d+x\d+", raw):
-        w, h = (int(v) for v in raw.split("x"))
-    else:
-        raise UsageError(f"--res {text!r} is not a resolution", "use 1k, 2k, a size like 768, or WxH like 1024x768")
-    if w <= 0 or h <= 0 or w % PATCH or h % PATCH:
-        def fix(v: int) -> int:
-            return max(PATCH, (v + PATCH // 2) // PATCH * PATCH)
-
-        ok = str(fix(w)) if w == h else f"{fix(w)}x{fix(h)}"
-        raise UsageError(f"--res {text}: width and height must be positive multiples of {PATCH}", f"e.g. --res {ok}")
-    return w, h
 
 
 def sample_seed(seed: int, index: int) -> int:

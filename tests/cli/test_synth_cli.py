@@ -57,7 +57,7 @@ def test_verify_command(drawn, cli, tmp_path):
     (["--n", "2", "--prompts", "{missing}"], "file not found"),
     (["--n", "2", "--prompts", "{empty}"], "holds no prompts"),
     (["--n", "2", "--prompts", "{csv}", "--prompt-column", "caption"], "no column 'caption'"),
-    (["--n", "2", "--res", "100"], "--res 100: width and height must be positive multiples of 16"),
+    (["--n", "2", "--res", "100"], "--res 100: 100 is not a multiple of 16"),
     (["--n", "2", "--image-format", "jpg"], "--image-format 'jpg'"),
     (["--n", "2", "--steps", "3"], "holds a dataset made with other settings (steps: 2 -> 3"),
     (["--n", "2", "--out", "{file}/sub"], "cannot write there"),

@@ -8,13 +8,14 @@ import pytest
 
 from clear_cli.attention.bench import parse_res
 from clear_cli.cli.app import run
+from clear_cli.errors import UsageError
 
 
 def test_parse_res():
     assert parse_res("1k") == (64, 64)
     assert parse_res("8k") == (512, 512)
     assert parse_res("1024x768") == (48, 64)
-    with pytest.raises(ValueError, match="multiples of 16"):
+    with pytest.raises(UsageError, match="multiple of 16"):
         parse_res("1000")
 
 
@@ -50,7 +51,7 @@ def test_bench_attention_skips_full_when_too_big(capsys):
     assert "full" not in rows[0]["times_s"] and "full attention not timed" in rows[0]["notes"][0]
 
 
-@pytest.mark.parametrize("args, words", [(["--res", "1000"], "multiples of 16"),
+@pytest.mark.parametrize("args, words", [(["--res", "1000"], "is not a multiple of 16"),
                                          (["--backends", "fast"], "unknown backend 'fast'"),
                                          (["--res", "1k", "--down-factor", "3"], "does not divide")])
 def test_bench_attention_bad_options(capsys, args, words):
