@@ -180,13 +180,26 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
 
 
 def _vae_batch(cfg: TinyTrainConfig, step: int) -> torch.Tensor:
+    """Crops of full-size scenes, most of them centred on an object (jittered, clamped to the image).
+
+    Objects cover a few percent of a scene and their colours are what the teacher must keep: uniform random
+    crops spend most of the VAE's steps on flat background.
+    """
     rng = _rng(cfg, 1, step)
     seeds = rng.integers(0, 10**9, size=cfg.vae_batch)
     full = max(cfg.res, cfg.vae_crop)
-    imgs = scenes.make_batch(seeds, full)[0]
-    ys = rng.integers(0, full - cfg.vae_crop + 1, size=cfg.vae_batch)
-    xs = rng.integers(0, full - cfg.vae_crop + 1, size=cfg.vae_batch)
-    crops = np.stack([im[y:y + cfg.vae_crop, x:x + cfg.vae_crop] for im, y, x in zip(imgs, ys, xs)])
+    sc = [scenes.sample_scene(int(s)) for s in seeds]
+    imgs = scenes.render(sc, full)
+    c, hi = cfg.vae_crop, full - cfg.vae_crop
+    ys = rng.integers(0, hi + 1, size=cfg.vae_batch)
+    xs = rng.integers(0, hi + 1, size=cfg.vae_batch)
+    for i, s in enumerate(sc):
+        if rng.random() < 0.75:
+            cy, cx = scenes.object_center_px(s.objects[int(rng.integers(len(s.objects)))], full)
+            jy, jx = rng.integers(-c // 4, c // 4 + 1, size=2)
+            ys[i] = min(max(cy + jy - c // 2, 0), hi)
+            xs[i] = min(max(cx + jx - c // 2, 0), hi)
+    crops = np.stack([im[y:y + c, x:x + c] for im, y, x in zip(imgs, ys, xs)])
     return _to_chw(crops)
 
 
