@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CLEAR on one H100/H200: FLUX-size attention kernel, blocks and (time allowing) a whole 4K step, full vs CLEAR.
 # Writes $OUT/gpu_bench.json as it goes and prints a table last; finishes in about 4 minutes.
-# The device image has torch but not diffusers: install the wheels shipped in .whl/ into /tmp/site first.
+# The device image has torch but not diffusers: `bash bench/fetch_wheels.sh` here first, then run this there
+# with `.whl` carried (the device tool: carry [".whl"]); the wheels go into /tmp/site.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 set -u
 export OUT="${OUT:-$PWD/out/gpu_bench}"
