@@ -84,6 +84,31 @@ def color_check(pipe, n: int = 100, size: int = 128, steps: int = 20) -> ColorRe
     return ColorResult(rate=hits / n, n=n, hits=hits, confusion=misses)
 
 
+def reconstruction_check(pipe, n: int = 100, size: int = 128, start: int = HELD_OUT) -> ColorResult:
+    """The colour check on the VAE alone: encode -> decode (latent mean) the real check scenes.
+
+    It bounds what the generator can score: an object colour the autoencoder loses cannot be drawn either.
+    """
+    sc = [scenes.sample_scene(start + i, n_objects=1, texture="plain") for i in range(n)]
+    vae = pipe.vae
+    first = next(vae.parameters())
+    dev, dtype = first.device, first.dtype
+    recs = []
+    with torch.no_grad():
+        for i in range(0, n, 25):
+            x = torch.from_numpy(scenes.render(sc[i:i + 25], size)).permute(0, 3, 1, 2).to(dev, dtype) * 2 - 1
+            rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+            recs.append(((rec.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy())
+    hits, misses = 0, {}
+    for img, s in zip(np.concatenate(recs), sc):
+        got, want = dominant_object_color(img), s.objects[0].color
+        if got == want:
+            hits += 1
+        else:
+            misses[f"{want}->{got}"] = misses.get(f"{want}->{got}", 0) + 1
+    return ColorResult(rate=hits / n, n=n, hits=hits, confusion=misses)
+
+
 def sample_grid(pipe, n: int = 16, size: int = 128, steps: int = 20, start: int = HELD_OUT) -> tuple[np.ndarray, list[str]]:
     """A square grid image of n held-out scene prompts (for docs and eyeballing) and the prompts."""
     caps = [scenes.caption(scenes.sample_scene(start + i)) for i in range(n)]
@@ -247,6 +272,9 @@ def run_checks(model: str = "tiny", *, n: int = 100, steps: int = 20, locality: 
         res[key] = to_dict(c)
         echo(f"colour following ({name}): {c.hits}/{c.n} = {c.rate:.0%}  [{time.time() - t:.0f} s]")
     pipe = _pipe(model, device)
+    rec = reconstruction_check(pipe, n=n)
+    res["color_vae"] = to_dict(rec)
+    echo(f"colour kept by the VAE alone (encode -> decode the real scenes): {rec.hits}/{rec.n} = {rec.rate:.0%}")
     if locality:
         loc = attention_locality(pipe)
         res["locality"] = to_dict(loc)

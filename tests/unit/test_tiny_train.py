@@ -52,10 +52,19 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
-    # a finished run resumed again is a no-op; other settings are refused
+    # a finished run resumed again is a no-op; other settings (or fewer steps) are refused
     assert train(tmp_path / "b", cfg, progress=False, resume="auto").finished
     with pytest.raises(ClearError, match="other settings"):
-        train(tmp_path / "b", config_from_options(**{**SMALL, "steps": 5}), progress=False, resume="auto")
+        train(tmp_path / "b", config_from_options(**{**SMALL, "res": 48}), progress=False, resume="auto")
+    with pytest.raises(ClearError, match="fewer"):
+        train(tmp_path / "b", config_from_options(**{**SMALL, "steps": 3}), progress=False, resume="auto")
+    # more transformer steps continue the finished run's flux stage from its last checkpoint
+    longer = train(tmp_path / "b", config_from_options(**{**SMALL, "steps": 6}), progress=False, resume="auto")
+    assert longer.finished and longer.step == 6
+    assert ("flux", 6) in _last_losses(tmp_path / "b" / "train_log.jsonl")
+    wc = load_file(str(longer.weights))
+    assert not torch.equal(wc["transformer.proj_out.weight"], wb["transformer.proj_out.weight"])
+    torch.testing.assert_close(wc["vae.decoder.conv_out.weight"], wb["vae.decoder.conv_out.weight"])
 
 
 def test_trained_file_loads_into_the_stock_pipeline(tmp_path):
