@@ -12,6 +12,7 @@ communication figures run the real code on meta tensors). Counting model, per pr
 
 from __future__ import annotations
 
+import abc
 import queue
 import threading
 from collections import defaultdict
@@ -60,7 +61,7 @@ class CommStats:
         self.equivalent.clear()
 
 
-class Comm:
+class Comm(abc.ABC):
     """One process's view of the group: `rank` of `size`; counts every byte it sends in `stats`."""
 
     def __init__(self, rank: int, size: int):
@@ -126,17 +127,18 @@ class Comm:
         return t
 
     # -- transport -------------------------------------------------------------------------------------------
-    def _exchange(self, sends: Pairs, recvs: Pairs) -> None:
-        raise NotImplementedError
+    # Each transport (torch.distributed, threads in one process, a byte-counting dry run) implements these four.
+    @abc.abstractmethod
+    def _exchange(self, sends: Pairs, recvs: Pairs) -> None: ...
 
-    def _all_reduce(self, t: torch.Tensor, op: str) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _all_reduce(self, t: torch.Tensor, op: str) -> None: ...
 
-    def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]: ...
 
-    def _broadcast(self, t: torch.Tensor, src: int) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _broadcast(self, t: torch.Tensor, src: int) -> None: ...
 
 
 class DistComm(Comm):
