@@ -17,7 +17,6 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     h11==0.16.0 \
     httpcore2==2.16.2 \
     httpx2==2.16.2 \
-    huggingface-hub==2.4.0 \
     idna==3.20 \
     importlib-metadata==10.2.0 \
     lazy-importer==0.1.0 \

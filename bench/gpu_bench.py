@@ -101,7 +101,7 @@ def section_mask(b: Bench, device, res_list, window) -> None:
     for res in res_list[:1]:
         g = RES.get(res, 0) or int(res)
         try:
-            qt, kt = flex_mod.default_tiles(window)
+            qt, kt = flex_mod.default_tiles(window, device)
             flex_mod.flex_plan.cache_clear()
             sync()
             t = time.perf_counter()

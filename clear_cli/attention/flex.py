@@ -23,10 +23,15 @@ from clear_cli.attention.geometry import default_scale, pool_tokens, pool_weight
 KIND_TEXT, KIND_IMAGE, KIND_POOLED, KIND_PAD = 0, 1, 2, 3
 
 
-def default_tiles(window: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(Q tile, KV tile): 8x8 tiles (64-token blocks) keep image work / exact at 2.9 / 2.0 at r = 8 / 16 (4096^2 and
-    8192^2); from r = 32 on, 4x8 key tiles (32-token KV blocks) bring it from 1.5 to 1.4. (8x16 query tiles would
-    suit the GPU kernels better but cost 3.9 / 2.4 / 1.7.)"""
+def default_tiles(window: int, device: torch.device | str | None = None
+                  ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(Q tile, KV tile). On CUDA, 8x16 tiles (128-token blocks, FlexAttention's own default): the Triton kernels
+    of torch <= 2.11 need block sizes divisible by their BLOCK_M / BLOCK_N (128 on Hopper in bf16, forward and
+    backward), so 64-token blocks fail to compile; image work / exact is 5.8 / 2.4 / 1.7 at r = 8 / 16 / 32.
+    Elsewhere (the eager CPU path, and the layout the work counts quote), 8x8 tiles keep it at 2.9 / 2.0 at
+    r = 8 / 16 (4096^2 and 8192^2); from r = 32 on, 4x8 key tiles bring it from 1.5 to 1.4."""
+    if device is not None and torch.device(device).type == "cuda":
+        return (8, 16), (8, 16)
     return ((8, 8), (8, 8)) if window < 32 else ((8, 8), (4, 8))
 
 
@@ -188,12 +193,16 @@ def flex_plan(grid: tuple[int, int], text_len: int, window: int, down_factor: in
     full = torch.cat([text_full.expand(nq, nt_text), rel.full, pool_full.expand(nq, nt_pool)], 1)
     partial = touch & ~full
 
+    n_kv_blocks = -(-lk // kb)
+
     def pack(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         num = sel.sum(1).to(torch.int32)
         order = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)
         idx = torch.gather(blocks, 1, order)
-        width = max(int(num.max()) if nq else 0, 1)
-        return num[None, None], idx[:, :width].to(torch.int32)[None, None].contiguous()
+        # Index rows span every KV block, as BlockMask expects: torch <= 2.11 sizes its transpose (the
+        # backward's Q-block lists) from this width, and a shorter row indexes out of bounds on CUDA.
+        idx = F.pad(idx, (0, max(n_kv_blocks - idx.shape[1], 0)))[:, :n_kv_blocks]
+        return num[None, None], idx.to(torch.int32)[None, None].contiguous()
 
     kv_num, kv_idx = pack(partial)
     full_num, full_idx = pack(full)
@@ -231,7 +240,7 @@ def flex_attention_clear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, t
     t, f = text_len, down_factor
     h, w = grid
     sc = default_scale(d, scale)
-    dq, dk = default_tiles(window)
+    dq, dk = default_tiles(window, q.device)
     plan = flex_plan((h, w), t, window, f, tuple(q_tile or dq), tuple(kv_tile or dk), q.device)
     if f > 1:
         wt = pool_weight(down_weight, f, k)

@@ -69,6 +69,26 @@ def test_block_layout_reproduces_dense_rule(case):
     assert torch.equal(g[:, real_k], want)
 
 
+@pytest.mark.parametrize("case", CASES + [(1, 64, 64, 16, 4, 1, None, None)])
+def test_block_index_rows_span_every_kv_block(case):
+    """torch <= 2.11 builds the backward's Q-block lists from the index rows' width (not seq_lengths):
+    a row narrower than the KV block count scattered out of bounds on CUDA at 8K."""
+    _, h, w, t, r, f, qt, kt = case
+    dq, dk = flex.default_tiles(r)
+    qt, kt = qt or dq, kt or dk
+    plan = flex.flex_plan((h, w), t, r, f, qt, kt, torch.device("cpu"))
+    bm = plan.block_mask
+    n_kv = -(-plan.lk // bm.BLOCK_SIZE[1])
+    for num, idx in ((bm.kv_num_blocks, bm.kv_indices), (bm.full_kv_num_blocks, bm.full_kv_indices)):
+        assert idx.shape[-1] == n_kv
+        used = torch.arange(n_kv)[None, None, None] < num[..., None]
+        assert not used.any() or int(idx[used].max()) < n_kv
+        # the old transpose: one row of width n_kv per Q block, scattered by the listed indices
+        dense = torch.zeros(idx.shape[-2], idx.shape[-1] + 1, dtype=torch.int32)
+        dense[torch.arange(idx.shape[-2])[:, None], torch.where(used[0, 0], idx[0, 0], idx.shape[-1])] = 1
+        assert int(dense[:, :n_kv].sum()) == int(num.sum())
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_flex_cpu_forward_matches_reference(case):
     b, h, w, t, r, f, qt, kt = case

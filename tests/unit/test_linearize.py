@@ -130,6 +130,13 @@ def test_grid_comes_from_img_ids_and_bad_grids_name_the_numbers():
         grid_from_img_ids(shuffled)
     with pytest.raises(ValueError, match="first row has 4 tokens, which does not divide the 10"):
         grid_from_img_ids(image_ids(4, 4)[:10])
+    # FluxPipeline's bf16 ids past 4K: rows 256/257 (and columns) round to one value; still the same grid
+    assert grid_from_img_ids(image_ids(300, 520).to(torch.bfloat16)) == (300, 520)
+    assert grid_from_img_ids(image_ids(2, 600).to(torch.float16)) == (2, 600)
+    with pytest.raises(ValueError, match="not a row-major 300x520 grid"):
+        grid_from_img_ids(image_ids(300, 520).to(torch.bfloat16).float())  # rounded ids in fp32 are not a grid
+    with pytest.raises(ValueError, match="not a row-major 4x4 grid"):
+        grid_from_img_ids(shuffled.to(torch.bfloat16))
 
     tr = build_transformer()
     clear_cli.linearize(tr, window=2, backend="reference")
