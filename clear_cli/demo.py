@@ -37,6 +37,7 @@ from typing import Any
 from clear_cli._api import callable_module
 from clear_cli.config import atomic_write_text, doc
 from clear_cli.errors import ClearError, UsageError
+from clear_cli.logs import Log
 
 STATE_FILE = "demo.json"
 LOCK_FILE = ".demo.lock"
@@ -49,7 +50,6 @@ MODELS = ("tiny", "tiny-random")
 # Fields that do not change what the demo computes, so they may differ on resume.
 _NOT_IDENTITY = ("out", "overwrite", "threads", "device")
 
-Log = Callable[[str], None]
 
 
 @dataclass

@@ -40,8 +40,7 @@ import os
 import random
 import re
 import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from typing import Any
 from clear_cli._api import callable_module
 from clear_cli.config import atomic_write_text, doc
 from clear_cli.errors import UsageError
+from clear_cli.logs import Log, warner
 
 SCHEMA = "clear-eval/1"
 COCO_DEFAULT = "~/.cache/clear/coco/annotations/captions_val2014.json"
@@ -56,7 +56,6 @@ COCO_URL = "http://images.cocodataset.org/annotations/annotations_trainval2014.z
 COCO_SAMPLE = 5000
 TEACHER_DIR = "teacher"
 
-Log = Callable[[str], None]
 
 
 @dataclass
@@ -412,11 +411,7 @@ def evaluate(students: str | Sequence[str | os.PathLike], config: EvalConfig | N
         raise UsageError(f"evaluate(): {e}") from None
     say: Log = log or (lambda _m: None)
 
-    def warn(msg: str) -> None:
-        if log is None:
-            warnings.warn(msg, stacklevel=3)
-        else:
-            log(f"warning: {msg}")
+    warn = warner(log)
 
     _validate(cfg)
     from clear_cli.metrics import parse_metrics

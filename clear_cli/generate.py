@@ -33,8 +33,7 @@ import math
 import os
 import re
 import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from clear_cli._api import callable_module
 from clear_cli.resolution import parse_res
 from clear_cli.config import doc
 from clear_cli.errors import ClearError, UsageError
+from clear_cli.logs import Log, warner
 
 FLUX_BASE_RES = 1024
 TINY_BASE_RES = 128  # the size the built-in tiny FLUX trains at (clear_cli/models/tiny.py, docs/tiny.md)
@@ -50,7 +50,6 @@ TINY_NAMES = ("tiny", "tiny-random")
 DEFAULT_NTK = 10.0  # the authors' factor for every high-resolution stage
 START_SIGMA_LIMIT = 0.95  # a refinement stage starting above this has (almost) thrown its input away
 
-Log = Callable[[str], None]
 
 
 @dataclass
@@ -650,11 +649,7 @@ def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, p
     # --- end parallel ---
     say: Log = log or (lambda _msg: None)
 
-    def warn(msg: str) -> None:
-        if log is None:
-            warnings.warn(msg, stacklevel=3)
-        else:
-            log(f"warning: {msg}")
+    warn = warner(log)
 
     _validate(cfg)
     plist = read_prompts([prompts] if isinstance(prompts, str) else list(prompts), prompts_file)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import atexit
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from clear_cli.errors import UsageError
+from clear_cli.logs import Log
 
 if TYPE_CHECKING:
     from clear_cli.parallel.comm import DistComm
@@ -26,7 +26,6 @@ MODES = ("none", "patch", "data")
 LAUNCH_HINT = ("start one process per band or GPU: torchrun --nproc_per_node 2 -m clear_cli gen ... --parallel {mode}, "
                "or accelerate launch --num_processes 2 -m clear_cli gen ...")
 
-Log = Callable[[str], None]
 
 
 @dataclass

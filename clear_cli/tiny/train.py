@@ -7,8 +7,10 @@ Stages (each resumable from its last checkpoint in `out/`):
    than a transformer step), then measure the latents' shift and scale and store them in the VAE config.
 3. `flux`: the tiny FluxTransformer2DModel by rectified flow matching, in FluxPipeline's own conventions:
    latents `(z - shift) * scale`, 2x2 packing, img_ids/txt_ids from the pipeline, `timestep = sigma`, a
-   guidance embedding, velocity target `noise - x0`. Text encoders stay frozen at their seeded random
-   weights (one T5 token per caption word is enough to tell captions apart).
+   guidance embedding, velocity target `noise - x0`. The T5 and CLIP encoders train with it (frozen random
+   encoders left the model unable to tell the object's colour word from the background's), and the loss
+   weighs the tokens objects cover more (objects are a few percent of a scene's pixels).
+4. `decoder`: the VAE decoder alone, on the frozen encoder's latents, sharpened on full-size scenes.
 
 Every batch, noise draw and crop is a function of (seed, stage, step), so a resumed run continues exactly as
 an uninterrupted one would. Checkpoints are safetensors (model, AdamW moments, EMA) plus a small JSON state;
@@ -23,7 +25,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,7 +57,9 @@ class TinyTrainConfig:
     batch: int = doc(64, "transformer batch")
     lr: float = doc(1e-3, "transformer learning rate (AdamW, warmup then cosine to 10%)")
     warmup: int = doc(100, "transformer warmup steps")
-    ema: float = doc(0.998, "EMA decay of the transformer weights (the EMA is what ships)")
+    ema: float = doc(0.998, "EMA decay of the trained weights (the EMA is what ships)")
+    flux_object_weight: float = doc(4.0, "flow-loss weight of object-covered tokens vs background (objects are small)")
+    train_text: bool = doc(True, "train T5 and CLIP with the transformer (frozen random ones misbind colour words)")
     guidance_range: tuple[float, float] = doc((1.0, 5.0), "guidance values fed to the guidance embedding")
     decoder_steps: int = doc(400, "VAE decoder steps after the transformer (frozen encoder: latents unchanged)")
     decoder_batch: int = doc(4, "decoder batch (full-resolution scenes)")
@@ -232,18 +236,51 @@ def vae_loss(vae, x: torch.Tensor, kl_weight: float, object_weight: float = 1.0)
 # ---------------------------------------------------------------- stage 3: FLUX
 
 
-def encode_text(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_text(pipe, captions: list[str], grad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(T5 embeddings, pooled CLIP, txt_ids) exactly as FluxPipeline computes them at the tiny text length."""
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         return pipe.encode_prompt(prompt=captions, prompt_2=None, device=pipe.transformer.device,
                                   max_sequence_length=tiny.TEXT_LEN)
 
 
+def trained_modules(pipe, train_text: bool) -> torch.nn.ModuleDict:
+    """What the flux stage trains, under the pipeline's component names (checkpoint and EMA keys follow them)."""
+    mods = {"transformer": pipe.transformer}
+    if train_text:
+        mods.update(text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)
+    return torch.nn.ModuleDict(mods)
+
+
+def object_cover(seeds: np.ndarray, res: int, batch: int = 256) -> torch.Tensor:
+    """Share of each packed token's pixels [N, (res/16)^2] that an object covers in scene `seed`.
+
+    Drawn twice (with and without the objects), so textured backgrounds do not count as objects.
+    """
+    out = []
+    for i in range(0, len(seeds), batch):
+        sc = [scenes.sample_scene(int(s)) for s in seeds[i:i + batch]]
+        full = scenes.render(sc, res)
+        bare = scenes.render([replace(x, objects=()) for x in sc], res)
+        fg = torch.from_numpy((np.abs(full - bare).max(-1) > 0.05).astype(np.float32))[:, None]
+        out.append(F.avg_pool2d(fg, 16).flatten(1))  # one packed token = 2x2 latents = 16x16 pixels
+    return torch.cat(out)
+
+
+def token_weights(cover: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-token flow-loss weights [B, tokens] (mean 1 per image): 1 on background, `weight` under objects."""
+    w = 1.0 + (weight - 1.0) * cover
+    return w / w.mean(dim=1, keepdim=True)
+
+
 def flux_loss(pipe, z: torch.Tensor, captions: list[str], gen: torch.Generator,
-              guidance_range: tuple[float, float]) -> torch.Tensor:
-    """Flow-matching loss on normalised latents z [B,16,h,w] in FluxPipeline's conventions."""
+              guidance_range: tuple[float, float], train_text: bool = False,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Flow-matching loss on normalised latents z [B,16,h,w] in FluxPipeline's conventions.
+
+    weights: optional per-token weights [B, tokens] (see `token_weights`); the plain mean when None.
+    """
     b, c, h, w = z.shape
-    emb, pooled, txt_ids = encode_text(pipe, captions)
+    emb, pooled, txt_ids = encode_text(pipe, captions, grad=train_text)
     x0 = pipe._pack_latents(z, b, c, h, w)
     img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, z.device, z.dtype)
     # Drawn on the CPU generator so that a run's noise does not depend on the device.
@@ -255,7 +292,9 @@ def flux_loss(pipe, z: torch.Tensor, captions: list[str], gen: torch.Generator,
     xt = (1 - s) * x0 + s * noise
     pred = pipe.transformer(hidden_states=xt, timestep=sigma, guidance=guidance, pooled_projections=pooled,
                             encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-    return F.mse_loss(pred, noise - x0)
+    if weights is None:
+        return F.mse_loss(pred, noise - x0)
+    return (((pred - (noise - x0)) ** 2).mean(-1) * weights).mean()
 
 
 # ---------------------------------------------------------------- the driver
@@ -418,16 +457,17 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline(**comps)
-    tr = comps["transformer"]
+    trained = trained_modules(pipe, cfg.train_text)
     flux_final = run.ckpt / "flux_final.safetensors"
     if stage != "flux":
-        tr.load_state_dict(load_file(str(flux_final), device=str(dev)))
+        trained.load_state_dict(load_file(str(flux_final), device=str(dev)))
     else:
-        finished = _flux_stage(cfg, run, pipe, latents, captions, dev, resume, deadline, progress, on_step,
+        finished = _flux_stage(cfg, run, pipe, latents, seeds, captions, dev, resume, deadline, progress, on_step,
                                lambda st, n: save_state(st, n))
         if not finished[0]:
             return TrainResult(out, "flux", finished[1], False, None, spent + time.monotonic() - t_start)
-        save_file({k: v.contiguous() for k, v in tr.state_dict().items()}, str(flux_final))
+        # clone: T5 ties its input embedding to `shared`, and safetensors refuses shared storage
+        save_file({k: v.contiguous().clone() for k, v in trained.state_dict().items()}, str(flux_final))
         stage = "decoder"
         save_state(stage, 0)
 
@@ -436,7 +476,7 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
                                 on_step=on_step, save_state=lambda st, n: save_state(st, n))
     if not ok:
         return TrainResult(out, "decoder", step, False, None, spent + time.monotonic() - t_start)
-    tr.eval()
+    trained.eval()
     vae.eval()
     for name in tiny.COMPONENT_PREFIXES:
         comps[name].to("cpu")
@@ -450,11 +490,12 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
     return TrainResult(out, "done", cfg.steps, True, result, seconds)
 
 
-def _flux_stage(cfg, run, pipe, latents, captions, dev, resume, deadline, progress, on_step, save_state
+def _flux_stage(cfg, run, pipe, latents, seeds, captions, dev, resume, deadline, progress, on_step, save_state
                 ) -> tuple[bool, int]:
-    """Flow matching of the transformer; leaves the EMA weights in it when finished."""
-    tr = pipe.transformer
-    tr.train()
+    """Flow matching of the transformer (and the text encoders); leaves the EMA weights in them when finished."""
+    tr = trained_modules(pipe, cfg.train_text)
+    weights = token_weights(object_cover(seeds, cfg.res), cfg.flux_object_weight)
+    tr.train()  # the tiny models have no dropout: train/eval only differs in autograd bookkeeping
     opt = torch.optim.AdamW(tr.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     ema = {k: v.detach().clone() for k, v in tr.state_dict().items()}
     start = 0
@@ -468,8 +509,9 @@ def _flux_stage(cfg, run, pipe, latents, captions, dev, resume, deadline, progre
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
         idx = _rng(cfg, 2, step).integers(0, len(latents), size=cfg.batch)
-        loss = flux_loss(pipe, latents[torch.from_numpy(idx).to(dev)], [captions[i] for i in idx], _torch_gen(cfg, 2, step),
-                         tuple(cfg.guidance_range))
+        sel = torch.from_numpy(idx)
+        loss = flux_loss(pipe, latents[sel.to(dev)], [captions[i] for i in idx], _torch_gen(cfg, 2, step),
+                         tuple(cfg.guidance_range), cfg.train_text, weights[sel].to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)

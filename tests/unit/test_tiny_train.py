@@ -88,6 +88,43 @@ def test_trained_file_loads_into_the_stock_pipeline(tmp_path):
     assert img.shape == (32, 32, 3) and np.isfinite(img).all()
 
 
+def test_text_encoders_train_only_when_asked(tmp_path):
+    from safetensors.torch import load_file
+
+    from clear_cli.models import tiny
+
+    seeded = tiny.build_components(0)
+    for train_text in (True, False):
+        res = train(tmp_path / str(train_text), config_from_options(**SMALL, train_text=train_text), progress=False)
+        w = load_file(str(res.weights))
+        for name in ("text_encoder", "text_encoder_2"):
+            ref = seeded[name].state_dict()
+            moved = [k for k in ref if not torch.equal(w[f"{name}.{k}"], ref[k])]
+            assert bool(moved) == train_text, (name, train_text, moved[:3])
+
+
+def test_object_cover_counts_objects_not_textures():
+    from dataclasses import replace
+
+    from clear_cli.tiny import scenes
+    from clear_cli.tiny.train import object_cover, token_weights
+
+    seeds = np.arange(40)
+    cover = object_cover(seeds, 64)                      # 4x4 packed tokens of 16x16 pixels
+    assert cover.shape == (40, 16) and 0 < float(cover.mean()) < 0.5
+    for i, s in enumerate(seeds):
+        sc = scenes.sample_scene(int(s))
+        img = scenes.render([sc], 64)[0]
+        bare = scenes.render([replace(sc, objects=())], 64)[0]
+        obj = (np.abs(img - bare).max(-1) > 0.05).reshape(4, 16, 4, 16).mean((1, 3)).reshape(-1)
+        np.testing.assert_allclose(cover[i].numpy(), obj, atol=1e-6)
+    w = token_weights(cover, 4.0)
+    torch.testing.assert_close(w.mean(1), torch.ones(40))
+    # within an image, weights go as 1 + 3 x cover: a fully covered token would weigh 4x a bare one
+    torch.testing.assert_close(w / w[:, :1], (1 + 3 * cover) / (1 + 3 * cover[:, :1]))
+    assert float(cover.max()) > 0.5 and (cover == 0).any()
+
+
 def test_bad_options_are_usage_errors(tmp_path, capsys):
     from clear_cli.cli.app import run
 
@@ -109,3 +146,14 @@ def test_shipped_weights_load_and_draw():
     img = pipe("a large red circle in the center on a blue background", height=128, width=128,
                num_inference_steps=4, generator=g, output_type="np").images[0]
     assert img.shape == (128, 128, 3) and np.isfinite(img).all()
+
+
+def test_shipped_weights_follow_colour_prompts():
+    """The issue's bar (>= 80% over 100 prompts; measured 95%) on the first 25 check prompts: guards the weights
+    and everything that loads them (text encoders, latent statistics, tokenizers)."""
+    from clear_cli.models import load_pipeline
+    from clear_cli.tiny.checks import color_check
+
+    pipe = load_pipeline("tiny")
+    pipe.set_progress_bar_config(disable=True)
+    assert color_check(pipe, n=25).rate >= 0.8
