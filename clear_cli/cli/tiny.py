@@ -47,7 +47,7 @@ def train_cmd(
 
 @tiny_app.command("check")
 def check_cmd(
-    model: str = typer.Option("tiny", "--model", help="`tiny` (shipped weights), `tiny-random`, or a weight file."),
+    model: str = typer.Option("tiny", "--model", help="`tiny` (shipped weights), `tiny-random`, a weight file, or a run's checkpoints/flux_N.safetensors."),
     n: int = typer.Option(100, "--n", help="Prompts in the colour check."),
     steps: int = typer.Option(20, "--steps", help="Sampling steps."),
     locality: bool = typer.Option(True, "--locality/--no-locality", help="Measure attention locality at 256 px."),

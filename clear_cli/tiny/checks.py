@@ -251,9 +251,19 @@ def _pipe(model: str, device: str):
     path = Path(model)
     if not path.is_file():
         raise UsageError(f"--model {model!r} is not tiny, tiny-random or a tiny weight file")
+    from safetensors import safe_open
+
     pipe = load_pipeline("tiny-random", device="cpu")
-    tiny_mod.load_trained({"transformer": pipe.transformer, "vae": pipe.vae, "text_encoder": pipe.text_encoder,
-                           "text_encoder_2": pipe.text_encoder_2}, path)
+    comps = {"transformer": pipe.transformer, "vae": pipe.vae, "text_encoder": pipe.text_encoder,
+             "text_encoder_2": pipe.text_encoder_2}
+    with safe_open(str(path), "pt") as f:
+        is_checkpoint = any(k.startswith("ema.") for k in f.keys())
+    if is_checkpoint:  # a flux checkpoint of `clear tiny train`, checked while the run goes on
+        from clear_cli.tiny.train import load_flux_checkpoint
+
+        load_flux_checkpoint(comps, path)
+    else:
+        tiny_mod.load_trained(comps, path)
     from clear_cli.devices import resolve_device
 
     return pipe.to(resolve_device(device))

@@ -600,6 +600,36 @@ def finetune_decoder(vae, cfg: TinyTrainConfig, run: "_Run", dev: torch.device, 
     return True, cfg.decoder_steps
 
 
+def load_flux_checkpoint(components: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """Put a run's flux checkpoint (its EMA weights, as they would ship) and that run's VAE into `components`.
+
+    The VAE and its latent statistics come from `vae_final.safetensors` and `latents.safetensors` beside the
+    checkpoint, so a run can be checked while it trains (`clear tiny check --model RUN/checkpoints/flux_N...`).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    vae_file, cache_file = path.with_name("vae_final.safetensors"), path.with_name("latents.safetensors")
+    if not (vae_file.is_file() and cache_file.is_file()):
+        raise UsageError(f"{path} is a training checkpoint, but its run's vae_final.safetensors and "
+                         "latents.safetensors are not beside it; check a finished run's tiny_flux.safetensors")
+    state = load_file(str(path))
+    ema = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
+    if not any(k.startswith("transformer.") for k in ema):  # runs from before `train_text`: transformer only
+        ema = {f"transformer.{k}": v for k, v in ema.items()}
+    components["vae"].load_state_dict(load_file(str(vae_file)))
+    with safe_open(str(cache_file), "pt") as f:
+        meta = f.metadata()
+    components["vae"].register_to_config(shift_factor=float(meta["shift_factor"]),
+                                         scaling_factor=float(meta["scaling_factor"]))
+    for name in ("transformer", "text_encoder", "text_encoder_2"):
+        sub = {k[len(name) + 1:]: v for k, v in ema.items() if k.startswith(name + ".")}
+        if sub:
+            components[name].load_state_dict(sub)
+    return components
+
+
 def config_from_options(**overrides: Any) -> TinyTrainConfig:
     """A config with the given non-None fields replaced (unknown names are a usage error)."""
     names = {f.name for f in dataclasses.fields(TinyTrainConfig)}

@@ -103,6 +103,32 @@ def test_text_encoders_train_only_when_asked(tmp_path):
             assert bool(moved) == train_text, (name, train_text, moved[:3])
 
 
+def test_a_flux_checkpoint_can_be_checked_while_the_run_goes_on(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from clear_cli.errors import UsageError
+    from clear_cli.tiny.checks import _pipe
+
+    res = train(tmp_path / "r", config_from_options(**SMALL), progress=False)
+    ckpt = tmp_path / "r" / "checkpoints" / "flux_000002.safetensors"
+    pipe = _pipe(str(ckpt), "cpu")
+    state = load_file(str(ckpt))
+    for name, module in (("transformer", pipe.transformer), ("text_encoder_2", pipe.text_encoder_2)):
+        for k, v in module.state_dict().items():
+            assert torch.equal(v, state[f"ema.{name}.{k}"]), (name, k)   # the EMA, as it would ship
+    stats = next(json.loads(line) for line in open(tmp_path / "r" / "train_log.jsonl") if '"cache"' in line)
+    assert pipe.vae.config.scaling_factor == pytest.approx(stats["scaling_factor"])
+    vae = load_file(str(tmp_path / "r" / "checkpoints" / "vae_final.safetensors"))
+    assert all(torch.equal(v, vae[k]) for k, v in pipe.vae.state_dict().items())
+    assert res.finished
+    lonely = tmp_path / "lonely.safetensors"
+    shutil.copy(ckpt, lonely)
+    with pytest.raises(UsageError, match="vae_final.safetensors"):
+        _pipe(str(lonely), "cpu")
+
+
 def test_object_cover_counts_objects_not_textures():
     from dataclasses import replace
 
