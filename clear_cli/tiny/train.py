@@ -308,6 +308,57 @@ def _latest_ckpt(run: _Run, stage: str) -> tuple[int, Path] | None:
     return int(p.stem.split("_")[1]), p
 
 
+def _run_stage(name: str, run: _Run, model: torch.nn.Module, opt: torch.optim.Optimizer, total: int, lr: float,
+               warmup: int, step_fn: Callable[[int], tuple[torch.Tensor, dict[str, float]]], cfg: TinyTrainConfig, *,
+               resume: str | None, deadline: float | None, progress: bool, on_step=None, save_state=None,
+               ema: dict[str, torch.Tensor] | None = None, log_lr: bool = False) -> tuple[bool, int]:
+    """The loop every stage shares: resume from the stage's last checkpoint, warmup + cosine learning rate,
+    clipped AdamW steps, the EMA (when given), the loss log, checkpoints, the progress bar and the time limit.
+
+    step_fn(step) -> (loss, extras): extras (floats) go to the log row and the bar. Returns (finished, step).
+    """
+    start = 0
+    last = _latest_ckpt(run, name) if resume else None
+    if last:
+        start, path = last
+        _load_ckpt(path, model, opt, ema)
+    bar = _progress(total, start, name, progress)
+    acc: list[float] = []
+    for step in range(start, total):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, total, lr, warmup)
+        loss, extras = step_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                decay = min(cfg.ema, (1 + step) / (10 + step))
+                for k, v in model.state_dict().items():
+                    ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        acc.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{acc[-1]:.4f}", **{k: f"{v:.4f}" for k, v in extras.items()})
+        if on_step:
+            on_step(name, step, acc[-1])
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total:
+            lr_now = {"lr": opt.param_groups[0]["lr"]} if log_lr else {}
+            run.log(stage=name, step=done, loss=float(np.mean(acc)), **lr_now, **extras, seconds=round(run.clock(), 1))
+            acc = []
+        out_of_time = deadline is not None and time.monotonic() > deadline
+        if done % cfg.ckpt_every == 0 or done == total or out_of_time:
+            _save_ckpt(run.ckpt / f"{name}_{done:06d}.safetensors", model, opt, ema)
+            if save_state:
+                save_state(name, done)
+        if out_of_time and done < total:
+            bar.close()
+            return False, done
+    bar.close()
+    return True, total
+
+
 def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float | None = None,
           resume: str | None = None, overwrite: bool = False, progress: bool = True,
           device: str | torch.device = "cpu",
@@ -377,39 +428,15 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
     if stage == "vae":
         vae.train()
         opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-        start = 0
-        last = _latest_ckpt(run, "vae") if resume else None
-        if last:
-            start, path = last
-            _load_ckpt(path, vae, opt)
-        bar = _progress(cfg.vae_steps, start, "vae", progress)
-        acc: list[float] = []
-        for step in range(start, cfg.vae_steps):
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, cfg.vae_steps, cfg.vae_lr, 50)
+
+        def vae_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
             loss, mse = vae_loss(vae, _vae_batch(cfg, step).to(dev), cfg.kl_weight, cfg.object_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            opt.step()
-            acc.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{acc[-1]:.4f}", mse=f"{mse:.4f}")
-            if on_step:
-                on_step("vae", step, acc[-1])
-            done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.vae_steps:
-                run.log(stage="vae", step=done, loss=float(np.mean(acc)), mse=mse,
-                        seconds=round(spent + time.monotonic() - t_start, 1))
-                acc = []
-            out_of_time = deadline is not None and time.monotonic() > deadline
-            if done % cfg.ckpt_every == 0 or done == cfg.vae_steps or out_of_time:
-                _save_ckpt(run.ckpt / f"vae_{done:06d}.safetensors", vae, opt)
-                save_state("vae", done)
-            if out_of_time and done < cfg.vae_steps:
-                bar.close()
-                return TrainResult(out, "vae", done, False, None, spent + time.monotonic() - t_start)
-        bar.close()
+            return loss, {"mse": mse}
+
+        ok, done = _run_stage("vae", run, vae, opt, cfg.vae_steps, cfg.vae_lr, 50, vae_step, cfg, resume=resume,
+                              deadline=deadline, progress=progress, on_step=on_step, save_state=save_state)
+        if not ok:
+            return TrainResult(out, "vae", done, False, None, spent + time.monotonic() - t_start)
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(vae_final))
@@ -498,48 +525,20 @@ def _flux_stage(cfg, run, pipe, latents, seeds, captions, dev, resume, deadline,
     tr.train()  # the tiny models have no dropout: train/eval only differs in autograd bookkeeping
     opt = torch.optim.AdamW(tr.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     ema = {k: v.detach().clone() for k, v in tr.state_dict().items()}
-    start = 0
-    last = _latest_ckpt(run, "flux") if resume else None
-    if last:
-        start, path = last
-        _load_ckpt(path, tr, opt, ema)
-    bar = _progress(cfg.steps, start, "flux", progress)
-    acc = []
-    for step in range(start, cfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+
+    def flux_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         idx = _rng(cfg, 2, step).integers(0, len(latents), size=cfg.batch)
         sel = torch.from_numpy(idx)
         loss = flux_loss(pipe, latents[sel.to(dev)], [captions[i] for i in idx], _torch_gen(cfg, 2, step),
                          tuple(cfg.guidance_range), cfg.train_text, weights[sel].to(dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            decay = min(cfg.ema, (1 + step) / (10 + step))
-            for k, v in tr.state_dict().items():
-                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-        acc.append(float(loss.detach()))
-        bar.update(1)
-        bar.set_postfix(loss=f"{acc[-1]:.4f}")
-        if on_step:
-            on_step("flux", step, acc[-1])
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            run.log(stage="flux", step=done, loss=float(np.mean(acc)), lr=opt.param_groups[0]["lr"],
-                    seconds=round(run.clock(), 1))
-            acc = []
-        out_of_time = deadline is not None and time.monotonic() > deadline
-        if done % cfg.ckpt_every == 0 or done == cfg.steps or out_of_time:
-            _save_ckpt(run.ckpt / f"flux_{done:06d}.safetensors", tr, opt, ema)
-            save_state("flux", done)
-        if out_of_time and done < cfg.steps:
-            bar.close()
-            return False, done
-    bar.close()
-    tr.load_state_dict(ema)
-    return True, cfg.steps
+        return loss, {}
+
+    ok, done = _run_stage("flux", run, tr, opt, cfg.steps, cfg.lr, cfg.warmup, flux_step, cfg, resume=resume,
+                          deadline=deadline, progress=progress, on_step=on_step, save_state=save_state, ema=ema,
+                          log_lr=True)
+    if ok:
+        tr.load_state_dict(ema)
+    return ok, done
 
 
 def _decoder_batch(cfg: TinyTrainConfig, step: int) -> torch.Tensor:
@@ -555,45 +554,19 @@ def finetune_decoder(vae, cfg: TinyTrainConfig, run: "_Run", dev: torch.device, 
         p.requires_grad_(False)
     vae.train()
     opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=cfg.decoder_lr, weight_decay=0.0)
-    start = 0
-    last = _latest_ckpt(run, "decoder") if resume else None
-    if last:
-        start, path = last
-        _load_ckpt(path, vae, opt)
-    bar = _progress(cfg.decoder_steps, start, "decoder", progress)
-    acc: list[float] = []
-    for step in range(start, cfg.decoder_steps):
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg.decoder_steps, cfg.decoder_lr, 20)
+
+    def decoder_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         x = _decoder_batch(cfg, step).to(dev)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
         rec = vae.decode(z).sample
-        mse = F.mse_loss(rec, x)
-        loss = recon_loss(rec, x, cfg.object_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        acc.append(float(loss.detach()))
-        bar.update(1)
-        bar.set_postfix(loss=f"{acc[-1]:.4f}")
-        if on_step:
-            on_step("decoder", step, acc[-1])
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.decoder_steps:
-            run.log(stage="decoder", step=done, loss=float(np.mean(acc)), mse=float(mse.detach()),
-                    seconds=round(run.clock(), 1))
-            acc = []
-        out_of_time = deadline is not None and time.monotonic() > deadline
-        if done % cfg.ckpt_every == 0 or done == cfg.decoder_steps or out_of_time:
-            _save_ckpt(run.ckpt / f"decoder_{done:06d}.safetensors", vae, opt)
-            if save_state:
-                save_state("decoder", done)
-        if out_of_time and done < cfg.decoder_steps:
-            bar.close()
-            return False, done
-    bar.close()
+        return recon_loss(rec, x, cfg.object_weight), {"mse": float(F.mse_loss(rec, x).detach())}
+
+    ok, done = _run_stage("decoder", run, vae, opt, cfg.decoder_steps, cfg.decoder_lr, 20, decoder_step, cfg,
+                          resume=resume, deadline=deadline, progress=progress, on_step=on_step,
+                          save_state=save_state)
+    if not ok:
+        return False, done
     for p in vae.parameters():
         p.requires_grad_(True)
     vae.eval()
