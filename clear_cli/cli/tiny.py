@@ -50,6 +50,7 @@ def check_cmd(
     model: str = typer.Option("tiny", "--model", help="`tiny` (shipped weights), `tiny-random`, a weight file, or a run's checkpoints/flux_N.safetensors."),
     n: int = typer.Option(100, "--n", help="Prompts in the colour check."),
     steps: int = typer.Option(20, "--steps", help="Sampling steps."),
+    start: int = typer.Option(10**9 + 7, "--start", help="First held-out scene seed (another set: 2000000000)."),
     locality: bool = typer.Option(True, "--locality/--no-locality", help="Measure attention locality at 256 px."),
     clear: bool = typer.Option(True, "--clear/--no-clear", help="CLEAR r=2-4 vs full attention at 256 px."),
     device: str = typer.Option("cpu", "--device", help="cpu, auto, cuda or cuda:N."),
@@ -60,7 +61,7 @@ def check_cmd(
 
     from clear_cli.tiny.checks import run_checks
 
-    res = run_checks(model, n=n, steps=steps, locality=locality, clear=clear, device=device,
+    res = run_checks(model, n=n, steps=steps, locality=locality, clear=clear, device=device, start=start,
                      echo=lambda line: print(line, flush=True))
     if out is not None:
         from clear_cli.config import atomic_write_text

@@ -66,22 +66,34 @@ class ColorResult:
     n: int
     hits: int
     confusion: dict[str, int] = field(default_factory=dict)
+    background_hits: int | None = None  # images whose border is the named background colour (generator checks)
 
 
-def color_check(pipe, n: int = 100, size: int = 128, steps: int = 20) -> ColorResult:
-    """Colour following over n held-out prompts (one object, plain background)."""
-    items = color_prompts(n)
-    imgs = _images(pipe, [p for p, _, _ in items], [HELD_OUT + i for i in range(n)], size, steps)
-    hits = 0
+def background_color(img: np.ndarray) -> str:
+    """Named colour nearest to the median of the image's border pixels."""
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+    return scenes.COLOR_NAMES[int(scenes.nearest_color(np.median(border, axis=0)))]
+
+
+def color_check(pipe, n: int = 100, size: int = 128, steps: int = 20, start: int = HELD_OUT) -> ColorResult:
+    """Colour following over n held-out prompts (one object, plain background; scene and noise seeds from start).
+
+    Also counts the images whose background is the named background colour: a model that binds colour words to
+    the wrong thing paints the object's colour there.
+    """
+    items = color_prompts(n, start)
+    imgs = _images(pipe, [p for p, _, _ in items], [start + i for i in range(n)], size, steps)
+    hits = bg_hits = 0
     misses: dict[str, int] = {}
-    for img, (_, want, _) in zip(imgs, items):
+    for img, (_, want, bg) in zip(imgs, items):
+        bg_hits += background_color(img) == bg
         got = dominant_object_color(img)
         if got == want:
             hits += 1
         else:
             key = f"{want}->{got}"
             misses[key] = misses.get(key, 0) + 1
-    return ColorResult(rate=hits / n, n=n, hits=hits, confusion=misses)
+    return ColorResult(rate=hits / n, n=n, hits=hits, confusion=misses, background_hits=bg_hits)
 
 
 def reconstruction_check(pipe, n: int = 100, size: int = 128, start: int = HELD_OUT) -> ColorResult:
@@ -253,11 +265,18 @@ def _pipe(model: str, device: str):
         raise UsageError(f"--model {model!r} is not tiny, tiny-random or a tiny weight file")
     from safetensors import safe_open
 
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # not a safetensors file: say so in one line instead of a traceback
+        raise UsageError(f"--model {model}: not a safetensors weight file ({e})") from None
+    is_checkpoint = any(k.startswith("ema.") for k in keys)
+    if not is_checkpoint and not any(k.split(".", 1)[0] in tiny_mod.COMPONENT_PREFIXES for k in keys):
+        raise UsageError(f"--model {model} holds no tiny FLUX weights (no transformer.*, vae.* ... keys)",
+                         "pass a tiny_flux.safetensors that `clear tiny train` wrote, or a run's checkpoints/flux_N")
     pipe = load_pipeline("tiny-random", device="cpu")
     comps = {"transformer": pipe.transformer, "vae": pipe.vae, "text_encoder": pipe.text_encoder,
              "text_encoder_2": pipe.text_encoder_2}
-    with safe_open(str(path), "pt") as f:
-        is_checkpoint = any(k.startswith("ema.") for k in f.keys())
     if is_checkpoint:  # a flux checkpoint of `clear tiny train`, checked while the run goes on
         from clear_cli.tiny.train import load_flux_checkpoint
 
@@ -270,19 +289,26 @@ def _pipe(model: str, device: str):
 
 
 def run_checks(model: str = "tiny", *, n: int = 100, steps: int = 20, locality: bool = True, clear: bool = True,
-               device: str = "cpu", echo=print) -> dict:
+               device: str = "cpu", start: int = HELD_OUT, echo=print) -> dict:
     """All checks for a tiny model, with the random model's colour rate beside it; returns a JSON-able dict."""
     import time
 
-    res: dict = {"model": model, "n": n, "steps": steps}
+    from clear_cli.errors import UsageError
+
+    if n < 1:
+        raise UsageError(f"--n must be at least 1, got {n}")
+    if start < HELD_OUT:
+        raise UsageError(f"--start {start} would draw training scenes; held-out seeds start at {HELD_OUT}")
+    res: dict = {"model": model, "n": n, "steps": steps, "start": start}
     for name in (model, "tiny-random"):
         t = time.time()
-        c = color_check(_pipe(name, device), n=n, steps=steps)
+        c = color_check(_pipe(name, device), n=n, steps=steps, start=start)
         key = "color" if name == model else "color_random"
         res[key] = to_dict(c)
-        echo(f"colour following ({name}): {c.hits}/{c.n} = {c.rate:.0%}  [{time.time() - t:.0f} s]")
+        echo(f"colour following ({name}): {c.hits}/{c.n} = {c.rate:.0%}, background in the named colour "
+             f"{c.background_hits}/{c.n}  [{time.time() - t:.0f} s]")
     pipe = _pipe(model, device)
-    rec = reconstruction_check(pipe, n=n)
+    rec = reconstruction_check(pipe, n=n, start=start)
     res["color_vae"] = to_dict(rec)
     echo(f"colour kept by the VAE alone (encode -> decode the real scenes): {rec.hits}/{rec.n} = {rec.rate:.0%}")
     if locality:

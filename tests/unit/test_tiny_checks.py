@@ -50,3 +50,28 @@ def test_reconstruction_check_scores_the_autoencoder():
     assert perfect.hits == 10 and perfect.rate == 1.0
     flat = checks.reconstruction_check(SimpleNamespace(vae=_StubVAE(grey=True)), n=10, size=64)
     assert flat.hits == 0 and sum(flat.confusion.values()) == 10
+
+
+def test_background_colour_is_read_from_the_border():
+    items = checks.color_prompts(30, start=2 * 10**9)
+    sc = [scenes.sample_scene(2 * 10**9 + i, n_objects=1, texture="plain") for i in range(30)]
+    imgs = scenes.render(sc, 64)
+    assert [checks.background_color(im) for im in imgs] == [bg for _, _, bg in items]
+
+
+def test_check_refuses_bad_models_and_training_seeds(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from clear_cli.cli.app import run
+
+    not_st = tmp_path / "junk.safetensors"
+    not_st.write_text("not weights")
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(2)}, str(other))
+    for argv, msg in ((["--model", str(not_st)], "not a safetensors weight file"),
+                      (["--model", str(other)], "holds no tiny FLUX weights"),
+                      (["--model", str(tmp_path / "missing.safetensors")], "is not tiny, tiny-random"),
+                      (["--start", "5"], "would draw training scenes")):
+        assert run(["tiny", "check", "--n", "2", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
