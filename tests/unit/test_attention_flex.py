@@ -45,6 +45,15 @@ def _blocks_to_dense(plan) -> torch.Tensor:
     return out
 
 
+def test_cuda_uses_128_token_blocks_that_keep_the_rule():
+    """torch 2.11's CUDA kernels need block sizes divisible by 128; the CUDA tiles must still give CLEAR's mask."""
+    qt, kt = flex.default_tiles(16, "cuda")
+    assert qt[0] * qt[1] == 128 and kt[0] * kt[1] == 128
+    assert flex.default_tiles(16, "cpu") != (qt, kt)
+    for h, w, t, r, f in ((20, 36, 5, 3, 1), (17, 9, 0, 16, 1), (16, 24, 7, 4, 2)):
+        test_block_layout_reproduces_dense_rule((1, h, w, t, r, f, qt, kt))
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_block_layout_reproduces_dense_rule(case):
     _, h, w, t, r, f, qt, kt = case
