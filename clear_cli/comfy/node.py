@@ -197,6 +197,26 @@ class ClearAttention:
             },
         }
 
+    @classmethod
+    def IS_CHANGED(cls, weights=NONE, weights_path="", **kwargs):  # noqa: N802 (ComfyUI's name)
+        """Re-run when the weight file changes on disk, not only when the inputs do."""
+        import os
+
+        spec = (weights_path or "").strip()
+        if not spec and weights and weights != NONE:
+            try:
+                import folder_paths
+
+                _register_folder()
+                spec = folder_paths.get_full_path(FOLDER, weights) or weights
+            except ImportError:
+                spec = weights
+        try:
+            st = os.stat(spec)
+            return f"{spec}:{st.st_size}:{st.st_mtime_ns}"
+        except (OSError, TypeError, ValueError):
+            return spec  # a hub reference (its cache is content-addressed) or nothing
+
     def apply(self, model, weights, strength, window, down_factor, backend, weights_path="", apply_weights=True,
               proportional_attention=False, ntk_factor=1.0):
         spec = (weights_path or "").strip() or None
@@ -212,7 +232,8 @@ class ClearAttention:
                               down_factor=down_factor or None, backend=backend, apply_weights=apply_weights,
                               proportional_attention=proportional_attention, ntk_factor=ntk_factor)
         except ClearError as e:  # ComfyUI shows the exception's text in the node: message and fix on one line
-            raise ValueError("CLEAR Attention: " + e.one_line()[len("error: "):]) from None
+            text = e.one_line()[len("error: "):].replace("--down-factor", "down_factor").replace("--window", "window")
+            raise ValueError("CLEAR Attention: " + text) from None
         return (out,)
 
 

@@ -213,7 +213,7 @@ class ClearPatch:
             if q.dim() != 3 or q.shape[-1] % heads:
                 return None, ("shape", f"q has shape {tuple(q.shape)}, expected [B, tokens, heads * head_dim]")
             b, n, _ = q.shape
-            qh, kh, vh = (t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+            qh, kh, vh = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
         if not (qh.shape == kh.shape == vh.shape):
             return None, ("shape", f"q, k, v shapes differ ({tuple(qh.shape)}, {tuple(kh.shape)}, "
                                    f"{tuple(vh.shape)}): not self-attention over one sequence")

@@ -441,3 +441,29 @@ def test_node_override_equals_linearize_on_the_tiny_model(students, f):
     with torch.no_grad():
         got = model(**x, return_dict=False)[0]
     assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+
+
+def test_node_class_reruns_when_the_file_changes(students, tmp_path):
+    from clear_cli.comfy.node import NODE_CLASS_MAPPINGS, ClearAttention
+
+    assert NODE_CLASS_MAPPINGS["ClearAttention"] is ClearAttention
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(students[1].read_bytes())
+    before = ClearAttention.IS_CHANGED(weights="none", weights_path=str(path), strength=1.0)
+    path.write_bytes(students[2].read_bytes())
+    assert ClearAttention.IS_CHANGED(weights="none", weights_path=str(path)) != before
+    assert ClearAttention.IS_CHANGED(weights_path="Huage001/CLEAR:clear_local_16.safetensors") == \
+        "Huage001/CLEAR:clear_local_16.safetensors"
+
+
+def test_node_apply_reports_errors_in_the_nodes_words(tiny, tmp_path):
+    from clear_cli.comfy.node import ClearAttention
+
+    tr, base = tiny
+    renamed = tmp_path / "mine.safetensors"
+    renamed.write_bytes(_student(tmp_path / "x.safetensors", 1, metadata=False).read_bytes())
+    with pytest.raises(ValueError, match=r"^CLEAR Attention: .*pass window with") as e:
+        ClearAttention().apply(_patcher(base, tr.config), "none", 1.0, 0, 0, "tiled", weights_path=str(renamed))
+    assert "--" not in str(e.value)
+    (m,) = ClearAttention().apply(_patcher(base, tr.config), "none", 1.0, 3, 0, "tiled", weights_path=str(renamed))
+    assert m.model_options["transformer_options"][OVERRIDE_KEY].clear_patch.settings.window == 3
