@@ -85,7 +85,7 @@ def apply_clear(model: Any, weights: str | None = None, *, strength: float = 1.0
     if pools and w.down_factor != f:
         if f != 1:
             raise ClearError(f"weights {w.path.name} hold {w.down_factor}x{w.down_factor} pooling weights, which do "
-                             f"not run at down_factor {f}", f"set down_factor to 0 (the file's) or 1")
+                             f"not run at down_factor {f}", "set down_factor to 0 (the file's) or 1")
         pools = {}
     if pools and reason is None:
         want = {("double", i) for i in range(len(dm.double_blocks))} | \
@@ -193,7 +193,7 @@ class ClearAttention:
                 "proportional_attention": ("BOOLEAN", {"default": False, "tooltip": "Softmax scale sqrt(log N / log "
                                                        "N_train / d): on for images above ~1K (the authors)."}),
                 "ntk_factor": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1000.0, "step": 0.1,
-                                         "tooltip": "RoPE theta x factor (NTK); the authors use 10 above 1K, 1 = off."}),
+                                         "tooltip": "RoPE theta x factor (NTK): the authors use 10 above 1K, 1 = off"}),
             },
         }
 

@@ -83,6 +83,14 @@ class ClearPatch:
         self.native_blocks = False  # ComfyUI reported block_type / block_index: no block hooks needed
         self._signatures: dict[type, inspect.Signature] = {}
 
+    def __deepcopy__(self, memo: dict) -> "ClearPatch":
+        # Shared state, like the override closure that holds it: ComfyUI deep-copies model options (and whatever
+        # they reference) when it clones a model, and a copy would no longer recognise its own calls.
+        return self
+
+    def __copy__(self) -> "ClearPatch":
+        return self
+
     # -- state --------------------------------------------------------------------------------------------------
     def reset(self) -> None:
         """ON_CLEANUP: forget per-run state (device copies of the pooling weights, warnings given)."""
@@ -194,8 +202,8 @@ class ClearPatch:
         opts = kwargs.get("transformer_options") or {}
         info = opts.get(CALL_KEY)
         if not isinstance(info, CallInfo) or info.patch is not self:
-            return None, ("no_call", "an attention call came without the CLEAR wrapper's geometry (the model was "
-                                     "not called through FLUX's forward)")
+            return None, ("no_call", "an attention call came without the CLEAR wrapper's geometry (e.g. a "
+                                     "ControlNet's own attention, or a model not called through FLUX's forward)")
         if info.reason is not None:
             return None, (f"call:{info.reason}", info.reason)
         if mask is not None:

@@ -69,7 +69,8 @@ def test_key_mapping_agrees_with_diffusers_single_file_converter():
         ckey, offset = to_comfy(key, hidden=3072, prefix="")
         got = bfl[ckey] if offset is None else bfl[ckey].narrow(*offset)
         assert torch.equal(got, want), key
-        assert block_of(key) == (("double" if key.startswith("transformer_blocks") else "single"), int(key.split(".")[1]))
+        kind = "double" if key.startswith("transformer_blocks") else "single"
+        assert block_of(key) == (kind, int(key.split(".")[1]))
     # The mlp rows of linear1 are proj_mlp in diffusers: not attention, never touched by the node.
     rows = converted["single_transformer_blocks.0.proj_mlp.weight"]
     assert torch.equal(bfl["single_blocks.0.linear1.weight"][3 * 3072:], rows)
@@ -308,8 +309,9 @@ def test_override_chains_and_stays_on_top():
     assert ours is not foreign and ours in patch.installed
     patch.install(opts)
     assert opts[OVERRIDE_KEY] is ours  # idempotent
-    # ModelPatcher.clone deep-copies model_options: the override must survive it as itself
+    # ModelPatcher.clone deep-copies model_options: the override (and the wrapper's patch) must survive it as itself
     assert copy.deepcopy({"t": opts})["t"][OVERRIDE_KEY] is ours
+    assert copy.deepcopy({"w": [patch.wrapper]})["w"][0].__self__ is patch
     # a node applied later that does not chain: ON_PREPARE_STATE puts ours back on top, chained to it
     later = {"transformer_options": {OVERRIDE_KEY: foreign}}
     patch.prepare_state(None, 0.5, later)
