@@ -1,7 +1,7 @@
 """The CLEAR node inside real ComfyUI, against diffusers + `clear_cli.linearize` on the same weights.
 
 Opt-in: ComfyUI is GPL-3.0 and not on PyPI, so it is never a dependency; point CLEAR_COMFYUI at a checkout (with its
-requirements importable, e.g. on PYTHONPATH) to run these (~4 minutes and 7.4 GB of RAM on 2 CPU cores):
+requirements importable, e.g. on PYTHONPATH) to run these (3-6 minutes and 7.6 GB of RAM on 2 CPU cores):
 
     CLEAR_COMFYUI=/path/to/ComfyUI python -m pytest -q -m slow tests/integration/test_comfyui_real.py -s
 
