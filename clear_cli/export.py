@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from clear_cli._api import callable_module
+from clear_cli.comfy.keys import DOUBLE_PROJ, SINGLE_PROJ
 from clear_cli.config import doc
 from clear_cli.errors import ClearError, UsageError
 
@@ -41,15 +42,6 @@ DEFAULT_OUT = {"lora": "clear_lora.safetensors", "full": "clear_attn_full.safete
                "comfy": "clear_lora_comfy.safetensors"}
 DEFAULT_RANK = 64
 
-# Double blocks: diffusers module -> (ComfyUI fused layer, slot); slots are stacked in this order (q, k, v).
-_COMFY_DOUBLE = {
-    "to_q": ("img_attn_qkv", 0), "to_k": ("img_attn_qkv", 1), "to_v": ("img_attn_qkv", 2),
-    "to_out.0": ("img_attn_proj", 0),
-    "add_q_proj": ("txt_attn_qkv", 0), "add_k_proj": ("txt_attn_qkv", 1), "add_v_proj": ("txt_attn_qkv", 2),
-    "to_add_out": ("txt_attn_proj", 0),
-}
-# Single blocks: ComfyUI's linear1 = [q; k; v; mlp_in] rows; the mlp rows get a zero delta.
-_COMFY_SINGLE = {"to_q": ("linear1", 0), "to_k": ("linear1", 1), "to_v": ("linear1", 2)}
 _MODULE = re.compile(r"^(?P<block>transformer_blocks|single_transformer_blocks)\.(?P<i>\d+)\.attn\.(?P<proj>.+)$")
 
 
@@ -114,8 +106,8 @@ class ExportResult:
                          f"(e.g. {self.unchanged[0]})")
         if self.pools:
             where = {"lora": " as clear_pool.* (clear gen --weights restores them)",
-                     "comfy": " as clear_pool.* (ComfyUI logs them as not loaded: only a CLEAR attention node uses "
-                              "them)", "full": ""}[self.format]
+                     "comfy": " as clear_pool.* (the CLEAR Attention node reads them; ComfyUI's LoRA loader logs "
+                              "them as not loaded)", "full": ""}[self.format]
             lines.append(f"{self.pools} pooling weight tensor(s) included{where}")
         return lines
 
@@ -266,13 +258,14 @@ def _comfy_groups(modules, base) -> dict[str, list[tuple[str | None, int]]]:
     groups: dict[str, dict[int, str]] = {}
     for module in modules:
         m = _MODULE.match(module)
-        table = _COMFY_DOUBLE if m and m["block"] == "transformer_blocks" else _COMFY_SINGLE
+        table = DOUBLE_PROJ if m and m["block"] == "transformer_blocks" else SINGLE_PROJ  # shared with the node
         if m is None or m["proj"] not in table:
             raise ClearError(f"{module} has no place in ComfyUI's FLUX layout",
                              "export it with --format lora or --format full instead")
         target, slot = table[m["proj"]]
         prefix = "double_blocks" if m["block"] == "transformer_blocks" else "single_blocks"
-        groups.setdefault(f"lora_unet_{prefix}_{m['i']}_{target}", {})[slot] = f"{m['block']}.{m['i']}.attn."
+        name = f"lora_unet_{prefix}_{m['i']}_{target.replace('.', '_')}"
+        groups.setdefault(name, {})[slot] = f"{m['block']}.{m['i']}.attn."
     out: dict[str, list[tuple[str | None, int]]] = {}
     for name, slots in groups.items():
         attn = next(iter(slots.values()))

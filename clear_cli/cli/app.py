@@ -41,6 +41,7 @@ def _root(
 def _register() -> None:
     """Each command lives in its own module under clear_cli/cli/ and exposes `register(app)`."""
     from clear_cli.cli import bench as bench_cmd
+    from clear_cli.cli import comfy as comfy_cmd
     from clear_cli.cli import demo as demo_cmd
     from clear_cli.cli import distill as distill_cmd
     from clear_cli.cli import env as env_cmd
@@ -51,7 +52,8 @@ def _register() -> None:
     from clear_cli.cli import synth as synth_cmd
     from clear_cli.cli import tiny as tiny_cmd
 
-    for mod in (env_cmd, model_cmd, gen_cmd, tiny_cmd, export_cmd, synth_cmd, eval_cmd, distill_cmd, bench_cmd, demo_cmd):
+    for mod in (env_cmd, model_cmd, gen_cmd, tiny_cmd, export_cmd, synth_cmd, eval_cmd, distill_cmd, bench_cmd, demo_cmd,
+                comfy_cmd):
         mod.register(app)
 
 

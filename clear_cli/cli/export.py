@@ -39,8 +39,8 @@ def export_cmd(
         print(line)
     geometry = f"--window {result.window} --down-factor {result.down_factor}"
     if result.format == "comfy":
-        print("ComfyUI: put it in models/loras and apply it with LoraLoaderModelOnly; the model must also run CLEAR "
-              f"attention ({geometry}), which stock ComfyUI lacks (docs/formats.md)")
+        print("ComfyUI: put it in models/loras, apply it with LoraLoaderModelOnly, then the CLEAR Attention node "
+              f"with this file and apply_weights off ({geometry} from the file; docs/comfyui.md)")
     else:
         print(f"use: clear gen PROMPT --weights {result.path} (diffusers: docs/formats.md)")
 
