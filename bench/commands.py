@@ -22,7 +22,7 @@ Figures go to $OUT/commands.json after every measurement; the estimates of clear
 measured peaks. The outputs are noise, which PNG compresses slowly and badly: images are written uncompressed
 (`--png-level`, default 0 on CUDA) to a scratch folder outside $OUT.
 
-Usage: bash bench/commands.sh   (BUDGET_S=..., SECTIONS=gen8k,gen,...)
+Usage: bash bench/commands.sh   (BUDGET_S=..., SECTIONS=gen8k,gen,..., PREVIOUS=an earlier commands.json)
        python bench/commands.py --smoke   (CPU, tiny-random, tiny sizes: checks every section, not the speed)
 """
 
@@ -46,7 +46,7 @@ T0 = time.perf_counter()
 SECTIONS = ("gen8k", "gen", "synth", "distill", "eval", "offload", "fits")
 # seconds a section needs on an H200 (from the step times of bench/results/gpu_bench_h200.json plus VAE, loading
 # and writing); a section starts only with at least this much budget left
-NEEDS = {"gen8k_compare": 230, "gen8k_warm": 50, "gen": 40, "synth": 25, "distill": 70, "eval": 25, "offload": 60,
+NEEDS = {"gen8k_compare": 230, "gen8k_warm": 70, "gen": 40, "synth": 25, "distill": 70, "eval": 25, "offload": 60,
          "fits": 0}
 CARDS = {"24GB": 23.99, "48GB": 47.99, "80GB": 79.65}  # GiB the cards report (RTX 4090, RTX 6000 Ada/L40S, H100)
 GiB = 1024 ** 3
@@ -355,7 +355,7 @@ def _vae_times(rec_d: dict) -> dict:
 
 def protocol_estimate(ctx: Ctx, steps_by_tokens: dict, vae: dict, target_side: int) -> dict | None:
     """The default protocol (28 base steps, 14 per refinement stage, x2 stages) from measured per-step times."""
-    from clear_cli.generate import stage_sizes
+    stage_sizes = _job("generate").stage_sizes
 
     sizes = stage_sizes((target_side, target_side), ctx.side["1k"], 2)
     total = {"clear": 0.0, "full": 0.0}
@@ -472,17 +472,26 @@ def _synth_estimate(ctx: Ctx, batch: int) -> float | None:
                             dtype_bytes=4 if ctx.dtype == "fp32" else 2).total)
 
 
-def _distiller_class():
+def _job(name: str):
+    """A job's module, wherever the package keeps it (clear_cli.jobs.NAME or clear_cli.NAME)."""
     import importlib
+    import types
 
-    for name in ("clear_cli.jobs.distill", "clear_cli.distill"):
+    for path in (f"clear_cli.jobs.{name}", f"clear_cli.{name}"):
         try:
-            mod = importlib.import_module(name)
+            mod = importlib.import_module(path)
         except ImportError:
             continue
-        if hasattr(mod, "Distiller"):
-            return mod.Distiller
-    return None
+        if isinstance(mod, types.ModuleType):
+            return mod
+    raise ImportError(f"no job module {name}")
+
+
+def _distiller_class():
+    try:
+        return getattr(_job("distill"), "Distiller", None)
+    except ImportError:
+        return None
 
 
 def section_distill(ctx: Ctx) -> None:
@@ -707,6 +716,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sections", default=os.environ.get("SECTIONS", ",".join(SECTIONS)),
                     help=f"comma list of {','.join(SECTIONS)}")
     ap.add_argument("--png-level", type=int, default=None, help="zlib level for the PNGs (default: 0 on CUDA)")
+    ap.add_argument("--previous", default=os.environ.get("PREVIOUS"),
+                    help="commands.json of an earlier call: its sections are kept (e.g. gen8k for `fits`)")
     args = ap.parse_args(argv)
     if args.png_level is None and not args.smoke:
         args.png_level = 0
@@ -740,6 +751,13 @@ def main(argv=None) -> int:
         env["device"] = "cpu"
     b.data["config"] = {"sections": wanted, "budget_s": args.budget_s, "smoke": args.smoke,
                         "png_level": args.png_level}
+    if args.previous:  # an earlier call's figures (another process): kept unless this call reruns the section
+        prev = json.loads(Path(args.previous).read_text())
+        for name, sec in prev.get("sections", {}).items():
+            if name not in wanted and name != "in_progress":
+                b.data["sections"][name] = sec
+        b.data["previous"] = {"file": str(args.previous), "env": prev.get("env"), "errors": prev.get("errors"),
+                              "skipped": prev.get("skipped"), "sections": sorted(prev.get("sections", {}))}
     b.save()
     print(f"[{time.perf_counter() - T0:.0f}s] {env}", flush=True)
     ctx = Ctx(args, b)

@@ -135,6 +135,7 @@ def materialize(module: torch.nn.Module, component: str, device: torch.device, d
                 generator: torch.Generator) -> torch.nn.Module:
     """Allocate every meta parameter once on `device` and fill it in place (shared parameters stay shared)."""
     gen_dev = torch.device(generator.device)
+    same = gen_dev.type == device.type and (gen_dev.index or 0) == (device.index or 0)  # "cuda" is "cuda:0"
     done: dict[int, torch.nn.Parameter] = {}
     names = {id(p): n for n, p in module.named_parameters(remove_duplicate=True)}
     for mod in module.modules():
@@ -156,7 +157,7 @@ def materialize(module: torch.nn.Module, component: str, device: torch.device, d
                     flat = new.view(-1)
                     for start in range(0, flat.numel(), INIT_CHUNK):
                         part = flat[start:start + INIT_CHUNK]
-                        if gen_dev == device:
+                        if same:
                             part.normal_(0.0, std, generator=generator)
                         else:  # e.g. a CPU copy for --offload: draw on CUDA, copy over (no fp32 detour)
                             tmp = torch.empty(part.numel(), device=gen_dev, dtype=new.dtype)
