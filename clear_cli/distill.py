@@ -724,6 +724,9 @@ def distill(recipe: str | Path | Recipe | dict | None = None, *, overrides: list
     n_proc = PartialState(cpu=cpu).num_processes if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 1
     p = plan(recipe, overrides=overrides, out=out, resume=resume, overwrite=overwrite, num_processes=n_proc)
     acc = _make_accelerator(p.recipe, p.out, "cpu" if cpu else device)
+    from clear_cli.models import fit
+
+    fit.check_distill(p.recipe, acc)  # one process's weights, optimizer and activations fit, before any write
     run = Distiller(p, acc, progress=progress, pipe=pipe)
     if acc.num_processes == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
         run.notes.append("`accelerate launch --cpu` starts a single process; for N CPU processes run "

@@ -436,6 +436,9 @@ def evaluate(students: str | Sequence[str | os.PathLike], config: EvalConfig | N
 
     state = PartialState()
     device = state.device if state.num_processes > 1 else resolve_device(cfg.device)
+    from clear_cli.models import fit
+
+    fit.check_eval(cfg, device, width, height, metrics)  # sampling + metric networks fit, before any drawing
     # Metric networks first: a bad local path should fail before minutes of drawing.
     nets = None
     if state.is_main_process:

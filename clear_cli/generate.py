@@ -673,6 +673,9 @@ def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, p
     notes: list[str] = []
     window, down = resolve_geometry(weights, cfg.window, cfg.down_factor, force=cfg.force, notes=notes)
     check_target(target, down)
+    from clear_cli.models import fit
+
+    fit.check_gen(cfg, dev, target, weights, pipe)  # the weights fit the architecture, the largest stage the device
     for n in notes:
         warn(n)
     if weights is None:

@@ -466,6 +466,9 @@ def synth(config: SynthConfig | None = None, *, pipe=None, progress: bool = True
     device = _resolve_device(cfg, state) if pipe is None else pipe.transformer.device
     dtype = resolve_dtype(cfg.dtype, device) if pipe is None else pipe.transformer.dtype
     plan = _plan(cfg, _dtype_name(dtype))
+    from clear_cli.models import fit
+
+    fit.check_synth(cfg, device, plan.width, plan.height)  # a batch at this size fits the device, before any write
     card = _check_out(plan)  # every process checks, so all of them fail alike on bad input
     pipe = _load(cfg, pipe, device)
     facts = _model_facts(pipe, cfg.model)

@@ -12,7 +12,7 @@ def eval_cmd(
     student: list[Path] = typer.Option(..., "--student", metavar="FILE", help="Student attention weights (.safetensors); repeat "
                                        "for several (r = 8, 16, 32 side by side)."),
     model: str = typer.Option("black-forest-labs/FLUX.1-dev", "--model",
-                              help="Hub id, local diffusers directory, `tiny` or `tiny-random`."),
+                              help="Hub id, local diffusers directory, `tiny`, `tiny-random` or `flux-dev-random`."),
     prompts: str = typer.Option("coco", "--prompts", help="coco (COCO-2014-val captions), builtin, or a FILE."),
     n: int = typer.Option(5000, "--n", help="Number of prompts (images per model)."),
     res: str = typer.Option(None, "--res", help="1k|2k|WxH|one number (default: the model's base, 1k; tiny 128)."),

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-MODEL_HELP = "Hub id, local diffusers directory, `tiny` (trained) or `tiny-random`."
+MODEL_HELP = ("Hub id, local diffusers directory, `tiny` (trained), `tiny-random` or `flux-dev-random` "
+              "(FLUX.1-dev's size, random weights).")
 
 
 def register(app: typer.Typer) -> None:

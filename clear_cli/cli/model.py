@@ -11,7 +11,8 @@ from clear_cli.errors import UsageError
 model_app = typer.Typer(help="Inspect a model or save it (e.g. the built-in tiny FLUX) as a diffusers directory.",
                         no_args_is_help=True)
 
-MODEL_HELP = "Hub id, local diffusers directory, `tiny` (trained) or `tiny-random`."
+MODEL_HELP = ("Hub id, local diffusers directory, `tiny` (trained), `tiny-random` or `flux-dev-random` (FLUX.1-dev's "
+              "architecture, random weights).")
 
 
 @model_app.command("info")
@@ -21,19 +22,39 @@ def info(
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
 ) -> None:
     """Load a model and print its components, sizes and text length."""
-    from clear_cli.models import load_pipeline, text_len
+    import torch
 
+    from clear_cli.models import fit, load_pipeline, text_len
+    from clear_cli.models.pipeline import RANDOM_NAMES
+
+    if model in RANDOM_NAMES and device == "cpu":
+        device = "meta"  # its weights are random: the structure and sizes are all there is to show
     pipe = load_pipeline(model, device=device, dtype=dtype)
     tr = pipe.transformer
     cfg = tr.config
+
+    def count(m) -> str:
+        n = sum(p.numel() for p in m.parameters())
+        return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
     print(f"model            {model}")
-    print(f"device / dtype   {tr.device} / {str(tr.dtype).replace('torch.', '')}")
+    print(f"device / dtype   {tr.device}{' (structure only, no weights allocated)' if tr.device.type == 'meta' else ''}"
+          f" / {str(tr.dtype).replace('torch.', '')}")
     print(f"transformer      {cfg.num_layers} double + {cfg.num_single_layers} single blocks, "
           f"{cfg.num_attention_heads} heads x {cfg.attention_head_dim}, "
           f"{sum(p.numel() for p in tr.parameters()) / 1e6:.2f}M parameters")
+    print(f"text encoders    T5 {count(pipe.text_encoder_2)}, CLIP {count(pipe.text_encoder)} parameters")
     print(f"text length      {text_len(pipe)} T5 tokens")
     print(f"vae              {pipe.vae.config.latent_channels} latent channels, "
-          f"scale {pipe.vae.config.scaling_factor:.4f}, shift {pipe.vae.config.shift_factor:.4f}")
+          f"scale {pipe.vae.config.scaling_factor:.4f}, shift {pipe.vae.config.shift_factor:.4f}, {count(pipe.vae)} "
+          "parameters")
+    arch = fit.architecture(model, pipe)
+    b = torch.empty((), dtype=tr.dtype).element_size()
+    print(f"weights          {arch.weights(b) / fit.GiB:.2f} GiB in {str(tr.dtype).replace('torch.', '')}")
+    if arch.params.get("transformer", 0) > 1e9:  # the estimates speak of FLUX-sized models at 1K-8K
+        print("memory (estimate, one GPU; bench/commands.py measures it):")
+        for line in fit.summary(arch, b):
+            print(f"  {line}")
 
 
 @model_app.command("save")

@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
         n: Optional[int] = typer.Option(None, "--n", help="Samples to draw (built-in prompts need it; a prompt "
                                         "file or image folder defaults to all of it)."),
         model: str = typer.Option("black-forest-labs/FLUX.1-dev", "--model",
-                                  help="Teacher: hub id, local diffusers dir, tiny or tiny-random."),
+                                  help="Teacher: hub id, local diffusers dir, tiny, tiny-random or flux-dev-random."),
         prompts: str = typer.Option("builtin", "--prompts",
                                     help="builtin, or a .txt (a prompt a line), .jsonl or .csv file."),
         prompt_column: str = typer.Option("prompt", "--prompt-column",

@@ -13,6 +13,8 @@ from clear_cli.models import tiny
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
 TINY_NAMES = ("tiny", "tiny-random")
+RANDOM_NAMES = ("flux-dev-random",)  # FLUX.1-dev's architecture with seeded random weights (models/flux_dev.py)
+BUILTIN_NAMES = TINY_NAMES + RANDOM_NAMES
 
 
 class FluxPipeline(_StockFluxPipeline):
@@ -53,6 +55,17 @@ def build_tiny(random: bool = False, seed: int = 0) -> FluxPipeline:
     return pipe
 
 
+def build_flux_dev_random(device: torch.device, dtype: torch.dtype, seed: int = 0) -> FluxPipeline:
+    """FLUX.1-dev's architecture with seeded random weights, built directly on `device` (meta: structure only)."""
+    from clear_cli.models import fit, flux_dev
+
+    if device.type != "meta":
+        fit.check_load(flux_dev.NAME, device, dtype)  # refuse before allocating what cannot fit
+    pipe = FluxPipeline(**flux_dev.build_components(device, dtype, seed=seed))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _hub_error(model: str, err: Exception) -> ClearError:
     text = f"{type(err).__name__}: {err}".splitlines()[0][:200]
     gated = "gated" in text.lower() or "401" in text or "403" in text
@@ -65,16 +78,25 @@ def _hub_error(model: str, err: Exception) -> ClearError:
 
 def load_pipeline(model: str = DEFAULT_MODEL, *, device: str | torch.device | None = None,
                   dtype: str | torch.dtype | None = None, seed: int = 0) -> FluxPipeline:
-    """A diffusers FluxPipeline from a hub id, a local diffusers directory, `tiny` or `tiny-random`.
+    """A diffusers FluxPipeline from a hub id, a local diffusers directory, `tiny`, `tiny-random` or
+    `flux-dev-random` (FLUX.1-dev's architecture, random weights; `device="meta"` builds it without storage).
 
     device: auto|cpu|cuda[:N] (None = leave on CPU); dtype: auto|fp32|bf16|fp16 (auto: bf16 on CUDA, fp32 on CPU).
     """
     from clear_cli.devices import resolve_device, resolve_dtype
 
+    name = str(model)
+    if str(device) == "meta":
+        if name not in RANDOM_NAMES:
+            raise ClearError(f"--device meta builds only {', '.join(RANDOM_NAMES)} (structure without weights)",
+                             "use cpu or cuda for other models")
+        return build_flux_dev_random(torch.device("meta"), resolve_dtype(
+            "bf16" if dtype in (None, "auto") else dtype, torch.device("meta")), seed=seed)
     dev = resolve_device(device) if device is not None else torch.device("cpu")
     dt = resolve_dtype(dtype, dev)
-    name = str(model)
-    if name in TINY_NAMES:
+    if name in RANDOM_NAMES:
+        pipe = build_flux_dev_random(dev, dt, seed=seed)
+    elif name in TINY_NAMES:
         pipe = build_tiny(random=name == "tiny-random", seed=seed)
     else:
         path = Path(name).expanduser()

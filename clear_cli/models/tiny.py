@@ -47,7 +47,7 @@ SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
                  num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
 
 
-def _word_tokenizer(max_len: int, template: str):
+def word_tokenizer(max_len: int, template: str):
     """A word-level fast tokenizer over the built-in vocabulary (lower-cased, punctuation split off)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -66,11 +66,11 @@ def _word_tokenizer(max_len: int, template: str):
 
 
 def clip_tokenizer():
-    return _word_tokenizer(CLIP_LEN, "<s> $A </s>")
+    return word_tokenizer(CLIP_LEN, "<s> $A </s>")
 
 
 def t5_tokenizer():
-    return _word_tokenizer(TEXT_LEN, "$A </s>")
+    return word_tokenizer(TEXT_LEN, "$A </s>")
 
 
 def _eval_no_dropout(module: torch.nn.Module) -> torch.nn.Module:

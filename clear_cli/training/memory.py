@@ -13,10 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-# FLUX.1-dev's transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json).
-FLUX_DEV = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
-                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+from clear_cli.models.flux_dev import TRANSFORMER as FLUX_DEV  # FLUX.1-dev's transformer config
 
 
 @dataclass
