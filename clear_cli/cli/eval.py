@@ -45,7 +45,7 @@ def eval_cmd(
     `accelerate launch`), then report FID, CLIP, DINO, LPIPS, SSIM, PSNR, seconds per image and attention FLOPs."""
     import sys
 
-    from clear_cli.evaluate import evaluate
+    from clear_cli.jobs.evaluate import evaluate
 
     def log(msg: str) -> None:
         if not quiet:
@@ -64,7 +64,7 @@ def eval_cmd(
     if as_json:
         print(json.dumps(result, indent=1))
     else:
-        from clear_cli.report import print_table
+        from clear_cli.jobs.report import print_table
 
         print_table(result)
         print(f"report: {out / result['report']}   grid: {out / result['grid']}   json: {out / 'eval.json'}")

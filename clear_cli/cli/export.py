@@ -31,7 +31,7 @@ def export_cmd(
     device: str = typer.Option("auto", "--device", help="Where the SVDs run: auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Export attention weights as a LoRA for diffusers or ComfyUI, or as a full attention file (docs/formats.md)."""
-    from clear_cli.export import export
+    from clear_cli.jobs.export import export
 
     result = export(weights, format=format.lower(), rank=rank, energy=energy, model=model, out=out,
                     overwrite=overwrite, window=window, down_factor=down_factor, device=device)

@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
         Examples: clear gen "a blue plane" --res 4k --weights Huage001/CLEAR:clear_local_16.safetensors;
         clear gen "a red circle" --model tiny --res 512 --compare
         """
-        from clear_cli.generate import GenConfig, generate
+        from clear_cli.jobs.generate import GenConfig, generate
 
         cfg = GenConfig(out=out, res=res, window=window, down_factor=down_factor, weights=weights, force=force,
                         model=model, steps=steps, refine_steps=refine_steps, guidance=guidance,

@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
         Rerun the same command to resume. Many GPUs: `accelerate launch -m clear_cli synth ...`.
         """
         from clear_cli.errors import UsageError
-        from clear_cli.synth import synth, verify
+        from clear_cli.jobs.synth import synth, verify
 
         if repair and verify_dir is None:
             raise UsageError("--repair works with --verify DIR", "e.g. clear synth --verify out/synth --repair")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from clear_cli.generate import _Runner
+from clear_cli.jobs.generate import _Runner
 from clear_cli.parallel.attention import BandGroup
 from clear_cli.parallel.bands import split_bands
 from clear_cli.parallel.launch import ParallelRun

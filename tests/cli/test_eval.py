@@ -134,7 +134,7 @@ def test_coco_captions_missing_says_what_to_download(setup, cli, tmp_path):
 
 
 def test_coco_sampling_is_deterministic(tmp_path):
-    from clear_cli.evaluate import coco_prompts
+    from clear_cli.jobs.evaluate import coco_prompts
 
     anns = [{"id": i, "image_id": i // 5, "caption": f"caption  number {i}\n"} for i in range(7000, 0, -1)]
     path = tmp_path / "captions_val2014.json"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from clear_cli.errors import UsageError
-from clear_cli.generate import (
+from clear_cli.jobs.generate import (
     GenConfig, base_size, parse_res, plan_outputs, plan_stages, read_prompts, shift_sigma, slug, stage_sizes, stock_mu,
 )
 

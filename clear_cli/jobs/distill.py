@@ -33,7 +33,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from clear_cli._api import callable_module
 from clear_cli.config import apply_overrides, atomic_write_text, to_dict
 from clear_cli.errors import ClearError, UsageError
 from clear_cli.training.recipe import (
@@ -736,4 +735,3 @@ def distill(recipe: str | Path | Recipe | dict | None = None, *, overrides: list
     return run.run()
 
 
-callable_module(__name__, "distill")  # clear_cli.distill(...) works even after `import clear_cli.distill`

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from clear_cli._api import callable_module
 from clear_cli.config import atomic_write_text, doc
 from clear_cli.data import layout, store
 from clear_cli.errors import ClearError, UsageError
@@ -615,4 +614,3 @@ def _check_sources(plan: _Plan, card: dict) -> None:
                          "restore the original file(s), or start over with --overwrite")
 
 
-callable_module(__name__, "synth")  # clear_cli.synth(...) works even after `import clear_cli.synth`

@@ -118,7 +118,7 @@ def diff_image(a, b):
 def _write_diffs(result: dict, out: Path, n: int) -> dict[tuple[str, int], Path]:
     from PIL import Image
 
-    from clear_cli.evaluate import save_png_atomic
+    from clear_cli.jobs.evaluate import save_png_atomic
 
     diffs = {}
     for name, ref, cmp_ in _pairs(result):
@@ -138,7 +138,7 @@ def write_grid(result: dict, out: Path, path: Path, rows: int = GRID_ROWS, cell:
     """PNG grid: one row per prompt (first `rows`), columns reference | each student | its difference."""
     from PIL import Image
 
-    from clear_cli.evaluate import save_png_atomic
+    from clear_cli.jobs.evaluate import save_png_atomic
 
     from PIL import ImageDraw
 

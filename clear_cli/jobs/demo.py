@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clear_cli._api import callable_module
 from clear_cli.config import atomic_write_text, doc
 from clear_cli.errors import ClearError, UsageError
 from clear_cli.logs import Log
@@ -141,7 +140,7 @@ def _sha(path: Path) -> str | None:
 
 def _repo_recipes() -> Path:
     """recipes/ of this checkout (the recipes are not package data)."""
-    return Path(__file__).resolve().parents[1] / "recipes"
+    return Path(__file__).resolve().parents[2] / "recipes"
 
 
 def teacher_fingerprint(model: str) -> str:
@@ -353,7 +352,7 @@ class _Demo:
             return complete and manifest_sha() == o.get("manifest_sha256")
 
         def run(resume: bool) -> dict:
-            from clear_cli.synth import synth
+            from clear_cli.jobs.synth import synth
 
             r = synth(**opts, overwrite=not resume and self.synth_dir.exists(), progress=self.progress)
             if not r.complete:
@@ -381,7 +380,7 @@ class _Demo:
             return _sha(self.distilled) == o.get("sha256")
 
         def run(resume: bool) -> dict:
-            from clear_cli.distill import distill, list_checkpoints
+            from clear_cli.jobs.distill import distill, list_checkpoints
 
             cont = resume and bool(list_checkpoints(self.distill_dir))
             r = distill(str(self.recipe), overrides=sets, out=str(self.distill_dir),
@@ -429,7 +428,7 @@ class _Demo:
             return (self.eval_dir / "eval.json").is_file() and _sha(self.zero_shot) == o.get("zero_shot_sha256")
 
         def run(resume: bool) -> dict:
-            from clear_cli.evaluate import evaluate
+            from clear_cli.jobs.evaluate import evaluate
 
             atomic_write_text(self.eval_prompts, "".join(p + "\n" for p in prompts))
             self.write_zero_shot(self.distilled)
@@ -452,7 +451,7 @@ class _Demo:
             return _sha(self.lora) == o.get("sha256")
 
         def run(resume: bool) -> dict:
-            from clear_cli.export import export
+            from clear_cli.jobs.export import export
 
             r = export(str(self.distilled), "lora", rank=c.lora_rank, model=c.model, out=str(self.lora),
                        overwrite=True, device="cpu" if c.device == "cpu" else "auto", progress=self.progress)
@@ -485,7 +484,7 @@ class _Demo:
             return all(Path(p).is_file() for p in o.get("files", []))
 
         def run(resume: bool) -> dict:
-            from clear_cli.generate import generate
+            from clear_cli.jobs.generate import generate
 
             rows, files = {}, []
             for label, w in (("before", self.zero_shot), ("after", self.lora)):
@@ -628,4 +627,3 @@ def demo(config: DemoConfig | None = None, *, log: Log | None = None, progress: 
                       report=Path(ev_out["report"]), images=images, seconds=wall)
 
 
-callable_module(__name__, "demo")  # clear_cli.demo(...) works even after `import clear_cli.demo`

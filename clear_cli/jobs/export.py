@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-from clear_cli._api import callable_module
 from clear_cli.config import doc
 from clear_cli.errors import ClearError, UsageError
 
@@ -400,4 +399,3 @@ def export(weights: str | os.PathLike, format: str = "lora", *, rank: int | None
                         unchanged=unchanged)
 
 
-callable_module(__name__, "export")  # clear_cli.export(...) works even after `import clear_cli.export`

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clear_cli._api import callable_module
 from clear_cli.resolution import parse_res
 from clear_cli.config import doc
 from clear_cli.errors import ClearError, UsageError
@@ -779,4 +778,3 @@ def _run_all(runner: _Runner, plans, stages: list[Stage], cfg: GenConfig, base_i
 
 
 
-callable_module(__name__, "generate")  # clear_cli.generate(...) works even after `import clear_cli.generate`

@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clear_cli._api import callable_module
 from clear_cli.config import atomic_write_text, doc
 from clear_cli.errors import UsageError
 from clear_cli.logs import Log, warner
@@ -421,7 +420,7 @@ def evaluate(students: str | Sequence[str | os.PathLike], config: EvalConfig | N
     for f in files:  # before loading anything heavy
         if ":" not in str(f) and not Path(f).expanduser().is_file():
             raise UsageError(f"student file {f} not found", "pass the .safetensors file that clear distill wrote")
-    from clear_cli.generate import model_defaults, parse_res
+    from clear_cli.jobs.generate import model_defaults, parse_res
 
     defaults = model_defaults(cfg.model)
     width, height = parse_res(cfg.res, "--res") if cfg.res is not None else (defaults["base_res"],) * 2
@@ -510,7 +509,7 @@ def evaluate(students: str | Sequence[str | os.PathLike], config: EvalConfig | N
 
 
 def _finish(result: dict, out: Path, prompts: list[str], say: Log) -> dict:
-    from clear_cli import report
+    from clear_cli.jobs import report
 
     result["report"], result["grid"] = "report.html", "grid.png"
     report.write_grid(result, out, out / "grid.png")
@@ -525,7 +524,7 @@ def _finish(result: dict, out: Path, prompts: list[str], say: Log) -> dict:
 def _evaluate_cascade(cfg: EvalConfig, pipe, studs: list[Student], prompts: list[str], metrics: list[str], nets,
                       state, out: Path, size: tuple[int, int], say: Log, warn: Log, progress: bool) -> dict | None:
     """Per student: the CLEAR cascade vs the same cascade with full attention (same base image and seed)."""
-    from clear_cli.generate import generate, model_defaults
+    from clear_cli.jobs.generate import generate, model_defaults
     from clear_cli.metrics import PSNR_CAP_DB, mean_psnr, pair_metrics
 
     width, height = size
@@ -595,4 +594,3 @@ def _evaluate_cascade(cfg: EvalConfig, pipe, studs: list[Student], prompts: list
     return _finish(result, out, prompts, say)
 
 
-callable_module(__name__, "evaluate")  # clear_cli.evaluate(...) works even after `import clear_cli.evaluate`
