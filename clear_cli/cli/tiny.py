@@ -64,7 +64,7 @@ def check_cmd(
     res = run_checks(model, n=n, steps=steps, locality=locality, clear=clear, device=device, start=start,
                      echo=lambda line: print(line, flush=True))
     if out is not None:
-        from clear_cli.config import atomic_write_text
+        from clear_cli.files import atomic_write_text
 
         atomic_write_text(out, json.dumps(res, indent=1))
         print(f"wrote {out}")

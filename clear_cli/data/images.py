@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from clear_cli.errors import UsageError
+from clear_cli.files import png_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_KEYS = ("prompt", "caption", "text")
@@ -37,13 +38,12 @@ def encode_image(pixels: torch.Tensor, fmt: str) -> bytes:
     from PIL import Image
 
     img = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
-    buf = io.BytesIO()
     if fmt == "png":
-        img.save(buf, format="PNG")
-    elif fmt == "webp":
-        img.save(buf, format="WEBP", lossless=True, quality=100, method=4)
-    else:
+        return png_bytes(img)
+    if fmt != "webp":
         raise UsageError(f"--image-format {fmt!r} is not supported", "use png or webp")
+    buf = io.BytesIO()
+    img.save(buf, format="WEBP", lossless=True, quality=100, method=4)
     return buf.getvalue()
 
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from clear_cli.errors import ClearError
+from clear_cli.files import atomic_write_bytes
 from clear_cli.resolution import parse_res  # noqa: F401  (one --res rule for every command)
 
 FORMAT = "clear-synth"
@@ -69,23 +68,6 @@ def part_path(root: Path, chunk: int) -> Path:
 
 def tensor_key(index: int, name: str) -> str:
     return f"{index:08d}/{name}"
-
-
-def temp_path(final: Path) -> Path:
-    """A unique temporary name beside `final` (per process, so many writers never clash)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = temp_path(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:

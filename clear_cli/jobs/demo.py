@@ -26,7 +26,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -34,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clear_cli.config import atomic_write_text, doc
+from clear_cli.config import doc
 from clear_cli.errors import ClearError, UsageError
+from clear_cli.files import atomic_write_text, foreign_entries, remove_owned
 from clear_cli.logs import Log
 
 STATE_FILE = "demo.json"
@@ -241,7 +241,7 @@ def _open_out(cfg: DemoConfig) -> _State:
                                  "pass --overwrite to start over, or another --out")
             old = None
     elif out.is_dir():
-        stray = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+        stray = foreign_entries(out, (), keep=(LOCK_FILE,))
         if stray:
             raise UsageError(f"--out {out} is not empty and holds no demo (found {stray[0]})",
                              "pick a new or empty directory; --overwrite deletes only the demo's own files")
@@ -253,12 +253,7 @@ def _open_out(cfg: DemoConfig) -> _State:
                              "rerun with the same options to resume, pass --overwrite to start over, or another --out")
         return _State(out, settings, old.get("stages", {}))
     if cfg.overwrite:
-        for name in OWNED:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        remove_owned(out, OWNED)
     out.mkdir(parents=True, exist_ok=True)
     state = _State(out, settings)
     state.save()

@@ -33,8 +33,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from clear_cli.config import apply_overrides, atomic_write_text, to_dict
+from clear_cli.config import apply_overrides, to_dict
 from clear_cli.errors import ClearError, UsageError
+from clear_cli.files import atomic_dir, atomic_write_text, owned_present, remove_owned, save_png, save_safetensors
 from clear_cli.training.recipe import (
     Recipe, problem_text, recipe_data, recipe_hash, recipe_problems, resume_differences,
 )
@@ -241,7 +242,7 @@ def _check_out(recipe: Recipe, out: Path, resume: str | None, overwrite: bool,
         else:
             notes.append(f"no checkpoint in {out / CHECKPOINTS}: starting from step 0")
     if ckpt is None:
-        taken = out.is_dir() and any((out / name).exists() for name in OWNED)
+        taken = out.is_dir() and bool(owned_present(out, OWNED))
         if taken and not overwrite:
             problems.append(f"--out {out} already holds a distillation run (pass --resume auto to continue it, "
                             "--overwrite to start over, or another --out)")
@@ -456,10 +457,8 @@ class Distiller:
                 if self._is_ours(models[i]):
                     weights.pop(i)
         if self.acc.is_main_process:
-            from safetensors.torch import save_file
-
             state = {k: v.to("cpu").contiguous() for k, v in trainable_state(self.transformer).items()}
-            save_file(state, os.path.join(output_dir, TRAINABLE_FILE))
+            save_safetensors(os.path.join(output_dir, TRAINABLE_FILE), state)
 
     def _load_hook(self, models: list, input_dir: str) -> None:
         for i in reversed(range(len(models))):
@@ -484,12 +483,7 @@ class Distiller:
         """Only now is anything written: the output directory, the resolved recipe, the trimmed log."""
         if self.acc.is_main_process:
             if self.p.overwrite and self.out.is_dir():
-                for name in OWNED:
-                    target = self.out / name
-                    if target.is_dir():
-                        shutil.rmtree(target)
-                    elif target.exists():
-                        target.unlink()
+                remove_owned(self.out, OWNED)
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / RECIPE_FILE, self._recipe_yaml())
             self._trim_log(self.p.start_step)
@@ -581,15 +575,9 @@ class Distiller:
                         images.append(self.pipe(**kw).images[0])
                 else:
                     images.append(self.pipe(**kw).images[0])
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        for i, im in enumerate(images):
-            im.save(tmp / f"{i:02d}.png")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        with atomic_dir(folder) as tmp:
+            for i, im in enumerate(images):
+                save_png(im, tmp / f"{i:02d}.png")
 
     # -- the loop ------------------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:

@@ -45,8 +45,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clear_cli.config import atomic_write_text, doc
+from clear_cli.config import doc
 from clear_cli.errors import UsageError
+from clear_cli.files import atomic_write_text, save_png
 from clear_cli.logs import Log, warner
 
 SCHEMA = "clear-eval/1"
@@ -129,18 +130,6 @@ def _slug(name: str) -> str:
 
 def image_name(i: int) -> str:
     return f"{i:05d}.png"
-
-
-def save_png_atomic(image, path: Path) -> None:
-    """PIL image -> PNG at `path` via a temp name in the same folder (a crash never leaves half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _check_record(path: Path, expected: dict[str, Any], what: str, overwrite: bool) -> None:
@@ -295,7 +284,7 @@ def _draw(pipe, prompts: list[str], indices: list[int], folder: Path, *, width: 
         dt = time.perf_counter() - t0
         if j > 0 or len(todo) == 1:  # the first draw warms up kernels and caches: not a fair time
             times[i] = dt
-        save_png_atomic(image, folder / image_name(i))
+        save_png(image, folder / image_name(i))
     return times
 
 

@@ -28,7 +28,6 @@ The tiny model (`model="tiny"`/`"tiny-random"`) runs the same code with sizes sc
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -41,6 +40,7 @@ from typing import Any
 from clear_cli.resolution import parse_res
 from clear_cli.config import doc
 from clear_cli.errors import ClearError, UsageError
+from clear_cli.files import save_png
 from clear_cli.logs import Log, warner
 
 FLUX_BASE_RES = 1024
@@ -345,24 +345,6 @@ def check_outputs(plans: list[tuple[str, int, Path]], *, compare: bool, overwrit
     if existing:
         more = f" (+{len(existing) - 1} more)" if len(existing) > 1 else ""
         raise UsageError(f"{existing[0]} already exists{more}", "pass --overwrite to replace it, or another --out")
-
-
-def save_png(image, path: Path, info: dict[str, Any]) -> Path:
-    """Write a PNG with `info` in text chunks, atomically (temp name in the same folder, then rename)."""
-    from PIL.PngImagePlugin import PngInfo
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = PngInfo()
-    for k, v in info.items():
-        meta.add_text(str(k), v if isinstance(v, str) else json.dumps(v))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG", pnginfo=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def side_by_side(left, right):

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from clear_cli.files import atomic_write_text, save_png
+
 MAX_ROWS = 64
 GRID_ROWS = 8
 DIFF_GAIN = 4
@@ -118,8 +120,6 @@ def diff_image(a, b):
 def _write_diffs(result: dict, out: Path, n: int) -> dict[tuple[str, int], Path]:
     from PIL import Image
 
-    from clear_cli.jobs.evaluate import save_png_atomic
-
     diffs = {}
     for name, ref, cmp_ in _pairs(result):
         for i in range(n):
@@ -129,18 +129,14 @@ def _write_diffs(result: dict, out: Path, n: int) -> dict[tuple[str, int], Path]
             target = out / f"diff_{name}" / f"{i:05d}.png"
             if not target.is_file() or target.stat().st_mtime < max(a.stat().st_mtime, b.stat().st_mtime):
                 with Image.open(a) as ia, Image.open(b) as ib:
-                    save_png_atomic(diff_image(ia, ib), target)
+                    save_png(diff_image(ia, ib), target)
             diffs[(name, i)] = target
     return diffs
 
 
 def write_grid(result: dict, out: Path, path: Path, rows: int = GRID_ROWS, cell: int = 192) -> Path:
     """PNG grid: one row per prompt (first `rows`), columns reference | each student | its difference."""
-    from PIL import Image
-
-    from clear_cli.jobs.evaluate import save_png_atomic
-
-    from PIL import ImageDraw
+    from PIL import Image, ImageDraw
 
     n = min(rows, result["n"])
     pairs = _pairs(result)
@@ -164,14 +160,12 @@ def write_grid(result: dict, out: Path, path: Path, rows: int = GRID_ROWS, cell:
                     grid.paste(ia.resize((cell, cell)), (0, top + i * cell))
                 grid.paste(ib.resize((cell, cell)), ((1 + 2 * j) * cell, top + i * cell))
                 grid.paste(diff_image(ia, ib).resize((cell, cell)), ((2 + 2 * j) * cell, top + i * cell))
-    save_png_atomic(grid, path)
+    save_png(grid, path)
     return path
 
 
 def write_html(result: dict, out: Path, prompts: list[str], path: Path, max_rows: int = MAX_ROWS) -> Path:
     """A self-contained HTML page (images by relative path): summary table, then one row per prompt."""
-    from clear_cli.config import atomic_write_text
-
     n = min(max_rows, result["n"])
     diffs = _write_diffs(result, out, n)
     header, rows = table_rows(result)

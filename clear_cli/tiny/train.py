@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -33,12 +32,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clear_cli.config import atomic_write_text, doc, to_dict
+from clear_cli.config import doc, to_dict
 from clear_cli.errors import ClearError, UsageError
+from clear_cli.files import atomic_copy, atomic_write_text, remove_owned, save_safetensors
 from clear_cli.models import tiny
 from clear_cli.tiny import scenes
 
 RESULT_NAME = "tiny_flux.safetensors"
+OWNED = ("state.json", "train_log.jsonl", "checkpoints", RESULT_NAME)  # all that --overwrite may delete
 STAGES = ("vae", "cache", "flux", "decoder", "done")
 
 
@@ -105,8 +106,6 @@ def _to_chw(imgs: np.ndarray) -> torch.Tensor:
 def _save_ckpt(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
                ema: dict[str, torch.Tensor] | None = None) -> None:
     """Model weights, AdamW moments (per parameter name) and the EMA in one safetensors file."""
-    from safetensors.torch import save_file
-
     state = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     names = {id(p): n for n, p in model.named_parameters()}
     for group in opt.param_groups:
@@ -120,9 +119,7 @@ def _save_ckpt(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
             state[f"opt.{n}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
     for k, v in (ema or {}).items():
         state[f"ema.{k}"] = v.contiguous()
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    save_safetensors(path, state)
 
 
 def _load_ckpt(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
@@ -385,9 +382,7 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
         if not overwrite:
             raise ClearError(f"{out} already holds a training run",
                              "pass --resume auto to continue it, --overwrite to start again, or another --out")
-        import shutil
-
-        shutil.rmtree(out)
+        remove_owned(out, OWNED)
         prev = None
     if prev is not None:
         saved = prev.get("config", {})
@@ -437,13 +432,11 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
                               deadline=deadline, progress=progress, on_step=on_step, save_state=save_state)
         if not ok:
             return TrainResult(out, "vae", done, False, None, spent + time.monotonic() - t_start)
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(vae_final))
+        save_safetensors(vae_final, {k: v.contiguous() for k, v in vae.state_dict().items()})
         stage = "cache"
         save_state(stage, 0)
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     vae.load_state_dict(load_file(str(vae_final), device=str(dev)))
     vae.eval()
@@ -462,8 +455,8 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
                 bar.update(len(imgs))
         bar.close()
         shift, std = float(lat.mean()), float(lat.std())
-        save_file({"latents": lat, "seeds": torch.from_numpy(seeds.astype(np.int64))}, str(cache_path),
-                  metadata={"shift_factor": repr(shift), "scaling_factor": repr(1.0 / std)})
+        save_safetensors(cache_path, {"latents": lat, "seeds": torch.from_numpy(seeds.astype(np.int64))},
+                         metadata={"shift_factor": repr(shift), "scaling_factor": repr(1.0 / std)})
         run.log(stage="cache", step=cfg.cache_size, shift_factor=shift, scaling_factor=1.0 / std,
                 seconds=round(spent + time.monotonic() - t_start, 1))
         stage = "flux"
@@ -494,7 +487,7 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
         if not finished[0]:
             return TrainResult(out, "flux", finished[1], False, None, spent + time.monotonic() - t_start)
         # clone: T5 ties its input embedding to `shared`, and safetensors refuses shared storage
-        save_file({k: v.contiguous().clone() for k, v in trained.state_dict().items()}, str(flux_final))
+        save_safetensors(flux_final, {k: v.contiguous().clone() for k, v in trained.state_dict().items()})
         stage = "decoder"
         save_state(stage, 0)
 
@@ -614,20 +607,13 @@ def config_from_options(**overrides: Any) -> TinyTrainConfig:
 
 def install_weights(path: str | Path) -> Path:
     """Copy a trained result over the shipped tiny weights (atomically) after checking that it loads."""
-    import shutil
-
     src = Path(path)
     comps = tiny.build_components(seed=0)
     try:
         tiny.load_trained(comps, src)
     except Exception as e:
         raise ClearError(f"{src} is not a tiny FLUX weight file ({e})", "pass the tiny_flux.safetensors a run wrote")
-    dst = tiny.TINY_WEIGHTS
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-    return dst
+    return atomic_copy(src, tiny.TINY_WEIGHTS)
 
 
 def sharpen_decoder(weights: str | Path, out: str | Path, cfg: TinyTrainConfig | None = None, *,

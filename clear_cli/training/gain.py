@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     print(describe(g))
     path = Path(args.json) if args.json else (Path(args.out) / "gain.json" if args.bench else None)
     if path is not None:
-        from clear_cli.config import atomic_write_text
+        from clear_cli.files import atomic_write_text
 
         atomic_write_text(path, json.dumps(g, indent=2) + "\n")
         print(f"figures: {path}")
