@@ -737,7 +737,7 @@ def _run_all(runner: _Runner, plans, stages: list[Stage], cfg: GenConfig, base_i
         save_png(image, path, info)
         say(f"  wrote {path} ({w}x{h}, {seconds:.1f} s)")
         if cfg.compare:
-            from clear_cli.metrics_basic import psnr, ssim
+            from clear_cli.metrics.pixel import image_psnr, image_ssim
 
             t1 = time.perf_counter()
             full_latents, full_records, _ = runner.run_stages(
@@ -746,7 +746,7 @@ def _run_all(runner: _Runner, plans, stages: list[Stage], cfg: GenConfig, base_i
             full_image = runner.to_pil(full_latents, w, h)
             full_s = time.perf_counter() - t1
             out.full_path, out.compare_path = _companions(path)
-            out.psnr, out.ssim = psnr(image, full_image), ssim(image, full_image)
+            out.psnr, out.ssim = image_psnr(image, full_image), image_ssim(image, full_image)
             finfo = {**info, "attention": "full", "stages": [{k: r[k] for k in ("kind", "width", "height",
                      "attention", "start_sigma", "steps", "seconds")} for r in full_records]}
             save_png(full_image, out.full_path, finfo)

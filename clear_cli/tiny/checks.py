@@ -225,7 +225,7 @@ def clear_vs_teacher(pipe, windows: Sequence[int] = (2, 3, 4), size: int = 256, 
                      backend: str = "auto") -> list[ClearQuality]:
     """CLEAR without distillation against full attention: mean PSNR/SSIM over n held-out prompts."""
     from clear_cli import linearize, unlinearize
-    from clear_cli.metrics_basic import psnr, ssim
+    from clear_cli.metrics.pixel import psnr, ssim
 
     prompts = [scenes.caption(scenes.sample_scene(HELD_OUT + i)) for i in range(n)]
     seeds = [HELD_OUT + i for i in range(n)]
@@ -235,11 +235,9 @@ def clear_vs_teacher(pipe, windows: Sequence[int] = (2, 3, 4), size: int = 256, 
         for r in windows:
             linearize(pipe, window=int(r), backend=backend)
             student = _images(pipe, prompts, seeds, size, steps)
-            ps = [psnr(torch.from_numpy(s).permute(2, 0, 1), torch.from_numpy(t).permute(2, 0, 1))
-                  for s, t in zip(student, teacher)]
-            ss = [ssim(torch.from_numpy(s).permute(2, 0, 1), torch.from_numpy(t).permute(2, 0, 1))
-                  for s, t in zip(student, teacher)]
-            out.append(ClearQuality(size=size, window=int(r), psnr=float(np.mean(ps)), ssim=float(np.mean(ss)), n=n))
+            s, t = (torch.from_numpy(v).permute(0, 3, 1, 2) for v in (student, teacher))  # [N, 3, H, W] in [0, 1]
+            out.append(ClearQuality(size=size, window=int(r), psnr=float(psnr(s, t).mean()),
+                                    ssim=float(ssim(s, t).mean()), n=n))
     finally:
         unlinearize(pipe)
     return out

@@ -45,9 +45,10 @@ def _draw(pipe, embeds, res: int, steps: int, guidance: float, seed: int) -> tup
 
 
 def _errors(x: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    from clear_cli.metrics.pixel import mean_psnr, psnr
+
     mse = ((x - ref) ** 2).flatten(1).mean(1)
-    psnr = (10 * torch.log10(1.0 / mse.clamp_min(1e-12))).mean()
-    return {"mse": float(mse.mean()), "psnr_db": float(psnr)}
+    return {"mse": float(mse.mean()), "psnr_db": mean_psnr(psnr(x, ref))[0]}
 
 
 def distill_gain(weights: str | Path, *, model: str | None = None, prompts: list[str] | None = None, n: int = 16,
