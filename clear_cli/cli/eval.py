@@ -7,16 +7,20 @@ from pathlib import Path
 
 import typer
 
+from clear_cli.cli.model import MODEL_HELP
+from clear_cli.flux import DEFAULT_MODEL, default_text
+
 
 def eval_cmd(
     student: list[Path] = typer.Option(..., "--student", metavar="FILE", help="Student attention weights (.safetensors); repeat "
                                        "for several (r = 8, 16, 32 side by side)."),
-    model: str = typer.Option("black-forest-labs/FLUX.1-dev", "--model",
-                              help="Hub id, local diffusers directory, `tiny` or `tiny-random`."),
-    prompts: str = typer.Option("coco", "--prompts", help="coco (COCO-2014-val captions), builtin, or a FILE."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help=MODEL_HELP),
+    prompts: str = typer.Option(None, "--prompts", help="coco (COCO-2014-val captions), tiny (held-out tiny scene "
+                                "captions), builtin, or a FILE. [default: coco; tiny models: tiny]"),
     n: int = typer.Option(5000, "--n", help="Number of prompts (images per model)."),
-    res: str = typer.Option(None, "--res", help="1k|2k|WxH|one number (default: the model's base, 1k; tiny 128)."),
-    steps: int = typer.Option(None, "--steps", help="Denoising steps (default 28; tiny 8)."),
+    res: str = typer.Option(None, "--res", help="1k|2k|WxH|one number (default: the model's base, "
+                            f"{default_text('base_res', flux='1k')})."),
+    steps: int = typer.Option(None, "--steps", help=f"Denoising steps (default {default_text('steps')})."),
     guidance: float = typer.Option(3.5, "--guidance", help="Guidance of teacher and students."),
     seed: int = typer.Option(0, "--seed", help="Seed of prompt 0; prompt i uses seed + i."),
     out: Path = typer.Option(Path("eval"), "--out", help="Folder for cached images, eval.json, report.html, grid.png."),

@@ -36,6 +36,7 @@ from typing import Any
 from clear_cli.config import doc
 from clear_cli.errors import ClearError, UsageError
 from clear_cli.files import atomic_write_text, foreign_entries, remove_owned
+from clear_cli.flux import PIXELS_PER_TOKEN, TINY_MODELS
 from clear_cli.logs import Log
 
 STATE_FILE = "demo.json"
@@ -45,7 +46,7 @@ FORMAT = "clear-demo/1"
 STAGES = ("synth", "distill", "eval", "export", "gen")
 # Everything the demo may delete with --overwrite: nothing else in OUT is ever touched.
 OWNED = (STATE_FILE, SUMMARY_FILE, "synth", "distill", "eval", "weights", "images", "eval_prompts.txt")
-MODELS = ("tiny", "tiny-random")
+MODELS = TINY_MODELS
 # Fields that do not change what the demo computes, so they may differ on resume.
 _NOT_IDENTITY = ("out", "overwrite", "threads", "device")
 
@@ -412,7 +413,7 @@ class _Demo:
 
     def evaluate(self, weights: dict) -> dict:
         c = self.cfg
-        from clear_cli.training.gain import held_out_prompts
+        from clear_cli.tiny.scenes import held_out_prompts
 
         prompts = held_out_prompts(c.eval_n)
         opts = dict(model=c.model, n=c.eval_n, res=str(c.res), steps=c.eval_steps, seed=c.seed,
@@ -469,7 +470,7 @@ class _Demo:
     # -- 5. gen -------------------------------------------------------------------------------------------
     def generate(self, lora: dict, ev: dict) -> dict:
         c = self.cfg
-        from clear_cli.training.gain import held_out_prompts
+        from clear_cli.tiny.scenes import held_out_prompts
 
         prompt = held_out_prompts(1)[0]
         key = {"lora": lora["sha256"], "zero_shot": ev["zero_shot_sha256"], "res": c.gen_res, "seed": c.seed,
@@ -508,7 +509,7 @@ def summarize(cfg: DemoConfig, out: Path, ev: dict, ex: dict, gen: dict, runs: l
     t = ev["teacher"]
     studs = {s["name"]: s for s in ev["students"]}
     before, after = studs.get("zero_shot_attn", {}), studs.get("clear_attn", {})
-    grid = cfg.res // 16
+    grid = cfg.res // PIXELS_PER_TOKEN
     lines = [
         f"# clear demo: {cfg.model} FLUX, CLEAR window r={cfg.window} on its {grid}x{grid} token grid",
         "",

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from clear_cli.config import apply_overrides, to_dict
 from clear_cli.errors import ClearError, UsageError
 from clear_cli.files import atomic_dir, atomic_write_text, owned_present, remove_owned, save_png, save_safetensors
+from clear_cli.flux import PIXELS_PER_TOKEN
 from clear_cli.training.recipe import (
     Recipe, problem_text, recipe_data, recipe_hash, recipe_problems, resume_differences,
 )
@@ -213,8 +214,9 @@ def _check_data(recipe: Recipe, problems: list[str]) -> dict:
     if recipe.resolution is not None and (w, h) != (recipe.resolution, recipe.resolution):
         problems.append(f"resolution: {recipe.resolution} but the data was drawn at {w}x{h} (latents are cached "
                         f"at that size: set resolution: {w if w == h else 'null'} or draw the data again)")
-    if w and h and recipe.down_factor > 1 and ((h // 16) % recipe.down_factor or (w // 16) % recipe.down_factor):
-        problems.append(f"down_factor: {recipe.down_factor} does not divide the {h // 16}x{w // 16} token grid of "
+    gh, gw = h // PIXELS_PER_TOKEN, w // PIXELS_PER_TOKEN
+    if w and h and recipe.down_factor > 1 and (gh % recipe.down_factor or gw % recipe.down_factor):
+        problems.append(f"down_factor: {recipe.down_factor} does not divide the {gh}x{gw} token grid of "
                         f"the {w}x{h} data")
     return card
 

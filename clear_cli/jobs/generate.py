@@ -22,7 +22,7 @@ sigma is checked before anything runs. Sampling directly above the base resoluti
 the scheduler's `max_image_seq_len` for the same reason.
 
 The tiny model (`model="tiny"`/`"tiny-random"`) runs the same code with sizes scaled down: it was trained at
-`TINY_BASE_RES` px, which is its base (and default) resolution; steps default to 20 (base) and 8 (refinement).
+`flux.TINY_BASE_RES` px, which is its base (and default) resolution; its step defaults are `flux.TINY_DEFAULTS`.
 """
 
 from __future__ import annotations
@@ -37,15 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clear_cli.resolution import parse_res
 from clear_cli.config import doc
 from clear_cli.errors import ClearError, UsageError
 from clear_cli.files import save_png
+from clear_cli.flux import DEFAULT_MODEL, PIXELS_PER_TOKEN, default_text, model_defaults
 from clear_cli.logs import Log, warner
+from clear_cli.resolution import parse_res
 
-FLUX_BASE_RES = 1024
-TINY_BASE_RES = 128  # the size the built-in tiny FLUX trains at (clear_cli/models/tiny.py, docs/tiny.md)
-TINY_NAMES = ("tiny", "tiny-random")
 DEFAULT_NTK = 10.0  # the authors' factor for every high-resolution stage
 START_SIGMA_LIMIT = 0.95  # a refinement stage starting above this has (almost) thrown its input away
 
@@ -61,15 +59,16 @@ class GenConfig:
     down_factor: int | None = doc(None, "down-sampling factor f (default: from the weights, else 1)")
     weights: str | None = doc(None, "attention weights: file, LoRA, published checkpoint, or REPO:FILE on the hub")
     force: bool = doc(False, "run even when --window/--down-factor clash with the weights")
-    model: str = doc("black-forest-labs/FLUX.1-dev", "hub id, local diffusers dir, tiny or tiny-random")
-    steps: int | None = doc(None, "denoising steps of the base (or direct) stage (default 28; tiny 20)")
+    model: str = doc(DEFAULT_MODEL, "hub id, local diffusers dir, tiny or tiny-random")
+    steps: int | None = doc(None, f"denoising steps of the base (or direct) stage (default {default_text('steps')})")
     refine_steps: int | None = doc(None, "schedule length of refinement stages; each runs round(steps*strength) "
-                                         "(default 20 as the authors; tiny 8)")
+                                         f"(default {default_text('refine_steps', flux='20 as the authors')})")
     guidance: float = doc(3.5, "guidance of the base (or direct) stage")
     refine_guidance: float = doc(7.5, "guidance of refinement stages (the authors' 7.5)")
     seed: int = doc(0, "seed of the first image; image k of a prompt uses seed + k")
     num_images: int = doc(1, "images per prompt")
-    base_res: str | None = doc(None, "base resolution of the cascade, about its square (default 1k; tiny 128)")
+    base_res: str | None = doc(None, "base resolution of the cascade, about its square "
+                                     f"(default {default_text('base_res', flux='1k')})")
     upscale: int = doc(2, "upscale factor per refinement stage (the last stage lands on the target)")
     strength: float = doc(0.7, "SDEdit strength of refinement stages (share of the schedule rerun)")
     ntk_factor: float | None = doc(None, "RoPE NTK factor above the base resolution (default 10; 1 = off)")
@@ -105,7 +104,7 @@ class Stage:
 
     @property
     def grid(self) -> tuple[int, int]:
-        return self.height // 16, self.width // 16
+        return self.height // PIXELS_PER_TOKEN, self.width // PIXELS_PER_TOKEN
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -126,6 +125,7 @@ class GenOutput:
     stages: list[dict[str, Any]] = field(default_factory=list)
     full_path: Path | None = None
     compare_path: Path | None = None
+    full_seconds: float | None = None  # the full-attention run of --compare (its refinement stages)
     psnr: float | None = None
     ssim: float | None = None
 
@@ -159,18 +159,6 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | os.PathLike | None 
     if not out:
         raise UsageError("no prompt given", 'e.g. clear gen "a blue plane", or --prompts FILE')
     return out
-
-
-def is_tiny(model: str) -> bool:
-    return str(model) in TINY_NAMES
-
-
-def model_defaults(model: str) -> dict[str, int]:
-    """Per-model defaults: the base (training) resolution, steps of the base stage and of refinement schedules."""
-    if is_tiny(model):
-        # 20 steps as the tiny model's own checks sample; refinement kept short so CPU runs stay quick
-        return {"base_res": TINY_BASE_RES, "steps": 20, "refine_steps": 8}
-    return {"base_res": FLUX_BASE_RES, "steps": 28, "refine_steps": 20}
 
 
 # ------------------------------------------------------------------------------------------- schedule
@@ -635,10 +623,10 @@ def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, p
     _validate(cfg)
     plist = read_prompts([prompts] if isinstance(prompts, str) else list(prompts), prompts_file)
     defaults = model_defaults(cfg.model)
-    base_res = defaults["base_res"] if cfg.base_res is None else parse_res(cfg.base_res, "--base-res")[0]
+    base_res = defaults.base_res if cfg.base_res is None else parse_res(cfg.base_res, "--base-res")[0]
     target = parse_res(cfg.res, "--res") if cfg.res is not None else (base_res, base_res)
-    steps = cfg.steps or defaults["steps"]
-    refine_steps = cfg.refine_steps or defaults["refine_steps"]
+    steps = cfg.steps or defaults.steps
+    refine_steps = cfg.refine_steps or defaults.refine_steps
     plans = plan_outputs(plist, cfg)
     check_outputs(plans, compare=cfg.compare, overwrite=cfg.overwrite)
     from clear_cli.devices import resolve_device, resolve_dtype
@@ -673,8 +661,8 @@ def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, p
             pipe.enable_model_cpu_offload(device=dev)
         else:
             pipe = load_pipeline(cfg.model, device=dev, dtype=cfg.dtype)
-    train_res = defaults["base_res"]
-    train_seq_len = (train_res // 16) ** 2 + text_len(pipe)
+    train_res = defaults.base_res
+    train_seq_len = (train_res // PIXELS_PER_TOKEN) ** 2 + text_len(pipe)
     stages = plan_stages(target, pipe.scheduler.config, base_res=base_res, train_res=train_res, upscale=cfg.upscale,
                          strength=cfg.strength, steps=steps, refine_steps=refine_steps, guidance=cfg.guidance,
                          refine_guidance=cfg.refine_guidance, cascade=cfg.cascade, ntk_factor=cfg.ntk_factor,
@@ -744,7 +732,8 @@ def _run_all(runner: _Runner, plans, stages: list[Stage], cfg: GenConfig, base_i
                 stages, prompt, seed, embeds, attention_override="full", start_latents=base_latents,
                 progress=progress, log=say, tag="full ")
             full_image = runner.to_pil(full_latents, w, h)
-            full_s = time.perf_counter() - t1
+            runner.sync()
+            full_s = out.full_seconds = time.perf_counter() - t1
             out.full_path, out.compare_path = _companions(path)
             out.psnr, out.ssim = image_psnr(image, full_image), image_ssim(image, full_image)
             finfo = {**info, "attention": "full", "stages": [{k: r[k] for k in ("kind", "width", "height",

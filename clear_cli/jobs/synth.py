@@ -20,8 +20,8 @@ from clear_cli.config import doc
 from clear_cli.data import layout, store
 from clear_cli.errors import ClearError, UsageError
 from clear_cli.files import atomic_write_text, foreign_entries, temp_path
+from clear_cli.flux import DEFAULT_MODEL
 
-DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
 IMAGE_FORMATS = ("png", "webp")
 _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 

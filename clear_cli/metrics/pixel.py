@@ -31,7 +31,7 @@ def as_batch(images) -> torch.Tensor:
         arr = np.asarray(images)
         if arr.ndim == 2:
             arr = arr[:, :, None]
-        images = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+        images = torch.from_numpy(np.array(arr)).permute(2, 0, 1)  # a copy: PIL arrays are read-only
     x = images.detach()
     if x.dim() == 3:
         x = x.unsqueeze(0)

@@ -9,10 +9,8 @@ import torch
 from diffusers import FluxPipeline as _StockFluxPipeline
 
 from clear_cli.errors import ClearError
+from clear_cli.flux import DEFAULT_MODEL, TINY_MODELS
 from clear_cli.models import tiny
-
-DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
-TINY_NAMES = ("tiny", "tiny-random")
 
 
 class FluxPipeline(_StockFluxPipeline):
@@ -74,7 +72,7 @@ def load_pipeline(model: str = DEFAULT_MODEL, *, device: str | torch.device | No
     dev = resolve_device(device) if device is not None else torch.device("cpu")
     dt = resolve_dtype(dtype, dev)
     name = str(model)
-    if name in TINY_NAMES:
+    if name in TINY_MODELS:
         pipe = build_tiny(random=name == "tiny-random", seed=seed)
     else:
         path = Path(name).expanduser()

@@ -17,9 +17,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from clear_cli.flux import PIXELS_PER_TOKEN, TINY_MODELS
 from clear_cli.tiny import scenes
 
-HELD_OUT = 10**9 + 7  # scene seeds for checks start here; training scenes are drawn below 10**9
+HELD_OUT = scenes.HELD_OUT_SEED  # scene seeds for checks start here (training draws below scenes.TRAIN_SEEDS)
 
 
 def color_prompts(n: int = 100, start: int = HELD_OUT) -> list[tuple[str, str, str]]:
@@ -123,7 +124,7 @@ def reconstruction_check(pipe, n: int = 100, size: int = 128, start: int = HELD_
 
 def sample_grid(pipe, n: int = 16, size: int = 128, steps: int = 20, start: int = HELD_OUT) -> tuple[np.ndarray, list[str]]:
     """A square grid image of n held-out scene prompts (for docs and eyeballing) and the prompts."""
-    caps = [scenes.caption(scenes.sample_scene(start + i)) for i in range(n)]
+    caps = scenes.held_out_prompts(n, start)
     imgs = _images(pipe, caps, [start + i for i in range(n)], size, steps)
     k = int(np.ceil(np.sqrt(n)))
     pad = np.ones((k * k - n, size, size, 3), np.float32)
@@ -190,9 +191,9 @@ def attention_locality(pipe, prompts: Sequence[str] | None = None, size: int = 2
     """Share of image-to-image attention mass within radius r tokens, per layer, over a short sampling run."""
     from clear_cli.models import text_len
 
-    prompts = list(prompts) if prompts else [scenes.caption(scenes.sample_scene(HELD_OUT + i)) for i in range(4)]
+    prompts = list(prompts) if prompts else scenes.held_out_prompts(4)
     tr = pipe.transformer
-    g = size // 16
+    g = size // PIXELS_PER_TOKEN
     stats: dict = {}
     mods = [m for m in tr.modules() if type(m).__name__ == "FluxAttention"]
     names = [f"double {i}" for i in range(len(tr.transformer_blocks))] + \
@@ -227,7 +228,7 @@ def clear_vs_teacher(pipe, windows: Sequence[int] = (2, 3, 4), size: int = 256, 
     from clear_cli import linearize, unlinearize
     from clear_cli.metrics.pixel import psnr, ssim
 
-    prompts = [scenes.caption(scenes.sample_scene(HELD_OUT + i)) for i in range(n)]
+    prompts = scenes.held_out_prompts(n)
     seeds = [HELD_OUT + i for i in range(n)]
     teacher = _images(pipe, prompts, seeds, size, steps)
     out = []
@@ -256,7 +257,7 @@ def _pipe(model: str, device: str):
     from clear_cli.models import load_pipeline
     from clear_cli.models import tiny as tiny_mod
 
-    if model in ("tiny", "tiny-random"):
+    if model in TINY_MODELS:
         return load_pipeline(model, device=device)
     path = Path(model)
     if not path.is_file():

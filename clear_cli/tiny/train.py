@@ -187,7 +187,7 @@ def _vae_batch(cfg: TinyTrainConfig, step: int) -> torch.Tensor:
     crops spend most of the VAE's steps on flat background.
     """
     rng = _rng(cfg, 1, step)
-    seeds = rng.integers(0, 10**9, size=cfg.vae_batch)
+    seeds = rng.integers(0, scenes.TRAIN_SEEDS, size=cfg.vae_batch)
     full = max(cfg.res, cfg.vae_crop)
     sc = [scenes.sample_scene(int(s)) for s in seeds]
     imgs = scenes.render(sc, full)
@@ -445,7 +445,7 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
     cache_path = run.ckpt / "latents.safetensors"
     n_lat = cfg.res // 8
     if stage == "cache":
-        seeds = np.random.default_rng([cfg.seed & 0xFFFFFFFF, 3]).integers(0, 10**9, size=cfg.cache_size)
+        seeds = np.random.default_rng([cfg.seed & 0xFFFFFFFF, 3]).integers(0, scenes.TRAIN_SEEDS, size=cfg.cache_size)
         lat = torch.empty(cfg.cache_size, 16, n_lat, n_lat)
         bar = _progress(cfg.cache_size, 0, "encode", progress)
         with torch.no_grad():
@@ -535,7 +535,7 @@ def _flux_stage(cfg, run, pipe, latents, seeds, captions, dev, resume, deadline,
 
 
 def _decoder_batch(cfg: TinyTrainConfig, step: int) -> torch.Tensor:
-    seeds = _rng(cfg, 4, step).integers(0, 10**9, size=cfg.decoder_batch)
+    seeds = _rng(cfg, 4, step).integers(0, scenes.TRAIN_SEEDS, size=cfg.decoder_batch)
     return _to_chw(scenes.make_batch(seeds, cfg.res)[0])
 
 

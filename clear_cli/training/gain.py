@@ -20,16 +20,6 @@ from pathlib import Path
 
 import torch
 
-HELD_OUT_SEED = 1_000_000  # tiny captions from scene seeds >= this are never in recipes/tiny_prompts.txt (0..511)
-
-
-def held_out_prompts(n: int) -> list[str]:
-    """Captions of tiny scenes the tiny recipe's data never saw."""
-    from clear_cli.tiny.scenes import caption, sample_scene
-
-    return [caption(sample_scene(HELD_OUT_SEED + i)) for i in range(n)]
-
-
 def _draw(pipe, embeds, res: int, steps: int, guidance: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(images [N,3,H,W] in [0,1], packed final latents) for every prompt, prompt i with seed + i."""
     t5, pooled = embeds
@@ -66,7 +56,11 @@ def distill_gain(weights: str | Path, *, model: str | None = None, prompts: list
     r = int(window or w.window)
     f = int(w.down_factor or 1)
     res = int(res or json.loads(w.metadata.get("resolution", "null") or "null") or 128)
-    prompts = list(prompts) if prompts is not None else held_out_prompts(n)
+    if prompts is None:
+        from clear_cli.tiny.scenes import held_out_prompts
+
+        prompts = held_out_prompts(n)
+    prompts = list(prompts)
     pipe = load_pipeline(model)
     with torch.no_grad():
         t5, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=pipe.device,
