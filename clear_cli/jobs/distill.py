@@ -556,6 +556,7 @@ class Distiller:
     def validate(self, step: int | None) -> None:
         """Draw the validation prompts with the student (and, with step None, the teacher) on the main process."""
         from clear_cli.attention.linearize import teacher_mode
+        from clear_cli.sampling.seeds import draw
 
         r = self.recipe
         if self.val_embeds is None or not self.acc.is_main_process:
@@ -568,15 +569,13 @@ class Distiller:
         images = []
         with torch.no_grad(), self.acc.autocast():
             for i in range(t5.shape[0]):
-                g = torch.Generator("cpu").manual_seed(r.validation.seed + i)
-                kw = dict(prompt_embeds=t5[i:i + 1], pooled_prompt_embeds=pooled[i:i + 1], width=res, height=res,
-                          num_inference_steps=r.validation.steps, guidance_scale=r.validation.guidance,
-                          generator=g, max_sequence_length=t5.shape[1])
+                kw = dict(embeds=(t5, pooled), width=res, height=res, num_inference_steps=r.validation.steps,
+                          guidance_scale=r.validation.guidance)
                 if step is None:
                     with teacher_mode(self.transformer):
-                        images.append(self.pipe(**kw).images[0])
+                        images.append(draw(self.pipe, [i], r.validation.seed, **kw)[0])
                 else:
-                    images.append(self.pipe(**kw).images[0])
+                    images.append(draw(self.pipe, [i], r.validation.seed, **kw)[0])
         with atomic_dir(folder) as tmp:
             for i, im in enumerate(images):
                 save_png(im, tmp / f"{i:02d}.png")

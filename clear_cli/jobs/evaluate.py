@@ -208,7 +208,7 @@ class Student:
 def load_students(files: Sequence[str | os.PathLike], pipe, window: int | None, backend: str,
                   model: str, warn: Log) -> list[Student]:
     """Read every student file and check it fits the model before anything is drawn."""
-    from clear_cli import linearize, unlinearize
+    from clear_cli.attention.linearize import linearize, unlinearize
     from clear_cli.models.weights import load_attention_weights, materialize, resolve_geometry
 
     if not files:
@@ -252,7 +252,7 @@ class _Swap:
         self.previous: dict | None = None
 
     def __enter__(self):
-        from clear_cli import linearize
+        from clear_cli.attention.linearize import linearize
         from clear_cli.models.weights import load_tensors, materialize
 
         tr = self.pipe.transformer
@@ -261,7 +261,7 @@ class _Swap:
         return self
 
     def __exit__(self, *exc):
-        from clear_cli import unlinearize
+        from clear_cli.attention.linearize import unlinearize
         from clear_cli.models.weights import load_tensors
 
         tr = self.pipe.transformer
@@ -279,6 +279,8 @@ def _draw(pipe, prompts: list[str], indices: list[int], folder: Path, *, width: 
     import torch
     from tqdm.auto import tqdm
 
+    from clear_cli.sampling.seeds import draw
+
     todo = [i for i in indices if overwrite or not (folder / image_name(i)).is_file()]
     times: dict[int, float] = {}
     if not todo:
@@ -286,12 +288,11 @@ def _draw(pipe, prompts: list[str], indices: list[int], folder: Path, *, width: 
     dev = pipe._execution_device
     folder.mkdir(parents=True, exist_ok=True)
     for j, i in enumerate(tqdm(todo, desc=label, disable=not progress, unit="img", dynamic_ncols=True)):
-        gen = torch.Generator("cpu").manual_seed(seed + i)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        image = pipe(prompts[i], height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
-                     generator=gen).images[0]
+        image = draw(pipe, [i], seed, prompts=prompts, height=height, width=width, num_inference_steps=steps,
+                     guidance_scale=guidance)[0]
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         dt = time.perf_counter() - t0

@@ -13,13 +13,8 @@ Above the base resolution (default) the image is made by a cascade, the authors'
 original weights, full attention, the same NTK RoPE (no proportional scale: stock attention has none), and writes
 `<name>_full.png` and `<name>_compare.png` (left CLEAR, right full) with PSNR/SSIM in its text chunks.
 
-The scheduler shift. FLUX's stock dynamic rule makes mu linear in the token count with no cap (mu 3.2 at 2K,
-11.5 at 4K, 44.8 at 8K): an SDEdit stage at strength 0.7 would start at sigma 0.98 at 2K and 1.0 (pure noise,
-the base image thrown away) at 4K-8K. Refinement stages therefore use the *base* stage's shift (static), so a stage
-at strength s runs round(refine_steps * s) steps of the base resolution's schedule from u = s down, starting at
-that schedule's sigma for s (0.88 for s = 0.7 with FLUX at 1024^2; the authors' static shift 3 gives 0.875). Every stage's start
-sigma is checked before anything runs. Sampling directly above the base resolution (`cascade=False`) clamps mu at
-the scheduler's `max_image_seq_len` for the same reason.
+The stage plan (sizes, sigma schedules, the scheduler shift that keeps every stage's start sigma near its strength)
+is `clear_cli.sampling.plan`; running it on the pipeline is `clear_cli.sampling.runner.StageRunner`.
 
 The tiny model (`model="tiny"`/`"tiny-random"`) runs the same code with sizes scaled down: it was trained at
 `flux.TINY_BASE_RES` px, which is its base (and default) resolution; its step defaults are `flux.TINY_DEFAULTS`.
@@ -28,7 +23,6 @@ The tiny model (`model="tiny"`/`"tiny-random"`) runs the same code with sizes sc
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import time
@@ -38,15 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from clear_cli.config import doc
-from clear_cli.errors import ClearError, UsageError
+from clear_cli.errors import UsageError
 from clear_cli.files import save_png
 from clear_cli.flux import DEFAULT_MODEL, PIXELS_PER_TOKEN, default_text, model_defaults
 from clear_cli.logs import Log, warner
 from clear_cli.resolution import parse_res
-
-DEFAULT_NTK = 10.0  # the authors' factor for every high-resolution stage
-START_SIGMA_LIMIT = 0.95  # a refinement stage starting above this has (almost) thrown its input away
-
+from clear_cli.sampling.plan import Stage, check_target, plan_stages
+from clear_cli.sampling.runner import StageRunner
 
 
 @dataclass
@@ -81,35 +73,6 @@ class GenConfig:
     backend: str = doc("auto", "CLEAR attention backend: auto, reference, tiled or flex")
     parallel: str = doc("none", "none, patch (one image's token rows split over processes) or data (prompts split); "
                                 "needs torchrun / accelerate launch")  # parallel (issue 11)
-
-
-@dataclass
-class Stage:
-    """One sampling stage of the plan (computed without running the model)."""
-
-    index: int
-    kind: str  # base | refine | direct
-    width: int
-    height: int
-    attention: str  # full | clear
-    sigmas: list[float]
-    mu: float | None
-    start_sigma: float
-    steps: int
-    guidance: float
-    strength: float | None = None
-    stock_start_sigma: float | None = None  # what the stock dynamic shift would start at (refine stages)
-    ntk_factor: float | None = None
-    proportional: bool = False
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.height // PIXELS_PER_TOKEN, self.width // PIXELS_PER_TOKEN
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("sigmas")
-        return d
 
 
 @dataclass
@@ -159,136 +122,6 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | os.PathLike | None 
     if not out:
         raise UsageError("no prompt given", 'e.g. clear gen "a blue plane", or --prompts FILE')
     return out
-
-
-# ------------------------------------------------------------------------------------------- schedule
-
-_SCHED_DEFAULTS = dict(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15,
-                       shift=1.0, use_dynamic_shifting=True, time_shift_type="exponential")
-
-
-def _cfg(config: Any, key: str) -> Any:
-    getter = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
-    v = getter(key, None)
-    return _SCHED_DEFAULTS[key] if v is None else v
-
-
-def stock_mu(tokens: int, config: Any) -> float:
-    """FLUX's dynamic-shift mu: linear in the image token count, no cap (diffusers' calculate_shift)."""
-    b0, b1 = _cfg(config, "base_image_seq_len"), _cfg(config, "max_image_seq_len")
-    s0, s1 = _cfg(config, "base_shift"), _cfg(config, "max_shift")
-    m = (s1 - s0) / (b1 - b0)
-    return tokens * m + (s0 - m * b0)
-
-
-def shift_sigma(u: float, mu: float | None, config: Any) -> float:
-    """The scheduler's shift of an unshifted sigma `u`: dynamic with `mu`, or the config's static shift."""
-    if u <= 0:
-        return 0.0
-    if mu is None or not _cfg(config, "use_dynamic_shifting"):
-        s = float(_cfg(config, "shift"))
-        return s * u / (1 + (s - 1) * u)
-    if _cfg(config, "time_shift_type") == "linear":
-        return mu / (mu + (1 / u - 1))
-    if mu > 700:  # exp overflows; the shifted sigma is 1 for any u > 0 here
-        return 1.0
-    e = math.exp(mu)
-    return e / (e + (1 / u - 1))
-
-
-def _grid_u(n: int) -> list[float]:
-    """The stock unshifted schedule: linspace(1, 1/n, n)."""
-    return [1.0] if n == 1 else [1.0 - i * (1.0 - 1.0 / n) / (n - 1) for i in range(n)]
-
-
-def base_size(target: tuple[int, int], base_res: int) -> tuple[int, int]:
-    """About base_res^2 pixels with the target's aspect ratio, sides multiples of 16 (at least 16)."""
-    w, h = target
-    scale = base_res / math.sqrt(w * h)
-    return max(16, round(w * scale / 16) * 16), max(16, round(h * scale / 16) * 16)
-
-
-def stage_sizes(target: tuple[int, int], base_res: int, upscale: int, cascade: bool = True,
-                align: int = 16) -> list[tuple[int, int]]:
-    """Sizes of the stages: [target] when sampled directly, else base, base*upscale, ..., target.
-
-    A cascade is used only when the target has more than 1.5x the base's pixels (a slightly larger image is
-    sampled directly). Intermediate sizes are multiples of `align` px (16 x down_factor: pooling needs whole
-    f x f token patches).
-    """
-    w, h = target
-    if not cascade or w * h <= 1.5 * base_res * base_res:
-        return [target]
-    bw, bh = base_size(target, base_res)
-    sizes = [(bw, bh)]
-    f = 1
-    while True:
-        f *= upscale
-        nw, nh = max(align, round(bw * f / align) * align), max(align, round(bh * f / align) * align)
-        if nw * nh * 1.5 >= w * h:  # close enough (or past): the last stage lands on the target
-            break
-        sizes.append((nw, nh))
-    sizes.append(target)
-    return sizes
-
-
-def check_target(target: tuple[int, int], down_factor: int) -> int:
-    """With down_factor f the CLEAR stages need whole f x f token patches: sides multiples of 16 f px."""
-    align = 16 * int(down_factor)
-    if down_factor > 1 and (target[0] % align or target[1] % align):
-        raise UsageError(f"--res {target[0]}x{target[1]}: with down_factor {down_factor} the sides must be multiples "
-                         f"of {align} px (whole {down_factor}x{down_factor} token patches)",
-                         f"use e.g. {round(target[0] / align) * align or align}x"
-                         f"{round(target[1] / align) * align or align}")
-    return align
-
-
-def plan_stages(target: tuple[int, int], scheduler_config: Any, *, base_res: int, train_res: int,
-                upscale: int = 2, strength: float = 0.7, steps: int = 28, refine_steps: int = 20,
-                guidance: float = 3.5, refine_guidance: float = 7.5, cascade: bool = True,
-                ntk_factor: float | None = None, down_factor: int = 1) -> list[Stage]:
-    """The stages, their sigma schedules and start sigmas, without running anything.
-
-    Refinement stages use the base stage's mu (static), never the stock dynamic rule at their own size.
-    Raises ClearError if a refinement stage would start at (almost) pure noise, UsageError if the target's
-    token grid is not a multiple of `down_factor`.
-    """
-    align = check_target(target, down_factor)
-    sizes = stage_sizes(target, base_res, upscale, cascade, align)
-    ntk = DEFAULT_NTK if ntk_factor is None else float(ntk_factor)
-    ntk = None if ntk == 1.0 else ntk
-    max_tokens = int(_cfg(scheduler_config, "max_image_seq_len"))
-    stages: list[Stage] = []
-
-    def high(w: int, h: int) -> bool:  # above the training resolution: NTK + proportional attention
-        return w * h > 1.5 * train_res * train_res
-
-    if len(sizes) == 1:
-        w, h = sizes[0]
-        mu = stock_mu(min((w // 16) * (h // 16), max_tokens), scheduler_config)
-        sig = [shift_sigma(u, mu, scheduler_config) for u in _grid_u(steps)]
-        stages.append(Stage(0, "direct", w, h, "clear", sig, mu, sig[0], steps, guidance,
-                            ntk_factor=ntk if high(w, h) else None, proportional=high(w, h)))
-        return stages
-    bw, bh = sizes[0]
-    mu_base = stock_mu(min((bw // 16) * (bh // 16), max_tokens), scheduler_config)
-    sig = [shift_sigma(u, mu_base, scheduler_config) for u in _grid_u(steps)]
-    stages.append(Stage(0, "base", bw, bh, "full", sig, mu_base, sig[0], steps, guidance))
-    # The tail of a refine_steps schedule from u = strength: round(refine_steps * strength) evenly spaced steps
-    # (the stock grid's own tail when it has a point at the strength; 20 steps at 0.7: u = 0.70, 0.65, ..., 0.05).
-    n_run = max(1, min(refine_steps, round(refine_steps * strength)))
-    grid = [strength * (n_run - i) / n_run for i in range(n_run)]
-    for i, (w, h) in enumerate(sizes[1:], start=1):
-        sig = [shift_sigma(u, mu_base, scheduler_config) for u in grid]
-        stock = shift_sigma(grid[0], stock_mu((w // 16) * (h // 16), scheduler_config), scheduler_config)
-        st = Stage(i, "refine", w, h, "clear", sig, mu_base, sig[0], n_run, refine_guidance, strength=strength,
-                   stock_start_sigma=stock, ntk_factor=ntk, proportional=True)
-        if st.start_sigma > START_SIGMA_LIMIT and strength < 0.9:
-            raise ClearError(f"stage {i} ({w}x{h}) would start at sigma {st.start_sigma:.3f} for strength "
-                             f"{strength}: (almost) pure noise, the base image would be lost",
-                             "the scheduler config's shift is too large for SDEdit; lower --strength")
-        stages.append(st)
-    return stages
 
 
 # ------------------------------------------------------------------------------------------- outputs
@@ -371,231 +204,6 @@ def _validate(cfg: GenConfig) -> None:
         raise UsageError(f"--backend {cfg.backend!r} is not one of {', '.join(BACKENDS)}")
 
 
-class _Runner:
-    """Holds the pipeline and switches it between the original model and the CLEAR model."""
-
-    def __init__(self, pipe, window: int, down_factor: int, backend: str, weights, train_seq_len: int):
-        import torch
-
-        self.pipe = pipe
-        self.torch = torch
-        self.window, self.down_factor, self.backend = window, down_factor, backend
-        self.weights = weights
-        self.train_seq_len = train_seq_len
-        self.student: dict[str, torch.Tensor] | None = None
-        self.original: dict[str, torch.Tensor] | None = None
-        self.mode: tuple | None = None
-        self.vae_tiling = bool(getattr(pipe.vae, "use_tiling", False))
-        self.device = pipe._execution_device
-        from clear_cli.models import text_len
-
-        self.text_len = text_len(pipe)
-        tr = pipe.transformer
-        self.d_model = int(tr.config.num_attention_heads * tr.config.attention_head_dim)
-        from clear_cli.attention.linearize import attention_modules
-
-        self.n_layers = len(attention_modules(tr))
-
-    # -- model state ---------------------------------------------------------------------------------------
-    def use(self, attention: str, ntk: float | None, proportional: bool) -> None:
-        """Full attention with the original weights (+ optional NTK RoPE), or CLEAR with the student weights."""
-        from clear_cli import linearize, unlinearize
-        from clear_cli.models import rope
-        from clear_cli.models.weights import POOL_SUFFIX, load_tensors, materialize
-
-        key = (attention, ntk, proportional)
-        if self.mode == key:
-            return
-        tr = self.pipe.transformer
-        if attention == "full":
-            unlinearize(tr)
-            if self.original is not None:
-                load_tensors(tr, self.original)
-            if ntk is not None:
-                rope.scale_rope(tr, ntk)
-            else:
-                rope.restore_rope(tr)
-        else:
-            rope.restore_rope(tr)
-            try:
-                linearize(tr, self.window, self.down_factor, self.backend, proportional_attention=proportional,
-                          train_seq_len=self.train_seq_len, ntk_factor=ntk)
-            except ValueError as e:
-                raise UsageError(str(e)) from e
-            if self.weights is not None:
-                if self.student is None:  # first time: the transformer holds the base weights now
-                    self.student = materialize(tr, self.weights)
-                    previous = load_tensors(tr, self.student)
-                    # pooling weights live in the CLEAR processors: the original model has none to restore
-                    self.original = {k: v for k, v in previous.items() if not k.endswith(POOL_SUFFIX)}
-                else:
-                    load_tensors(tr, self.student)
-        self.mode = key
-
-    def restore(self) -> None:
-        """Leave the pipeline as it came: stock attention and RoPE, the base weights."""
-        from clear_cli import unlinearize
-        from clear_cli.models import rope
-        from clear_cli.models.weights import load_tensors
-
-        tr = self.pipe.transformer
-        unlinearize(tr)
-        rope.restore_rope(tr)
-        if self.original is not None:
-            load_tensors(tr, self.original)
-        if not self.vae_tiling and getattr(self.pipe.vae, "use_tiling", False):
-            self.pipe.vae.disable_tiling()
-        self.mode = None
-
-    # -- pieces --------------------------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str):
-        return self.pipe.encode_prompt(prompt=[prompt], prompt_2=None, device=self.device, num_images_per_prompt=1,
-                                       max_sequence_length=self.text_len)
-
-    def noise(self, w: int, h: int, dtype, generator):
-        c = self.pipe.transformer.config.in_channels // 4
-        return self.pipe.prepare_latents(1, c, h, w, dtype, self.device, generator)
-
-    def decode(self, latents, w: int, h: int):
-        pipe = self.pipe
-        lat = pipe._unpack_latents(latents, h, w, pipe.vae_scale_factor)
-        lat = lat / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        with self.torch.no_grad():
-            return pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False)[0]
-
-    def encode_image(self, image, w: int, h: int, dtype):
-        import torch.nn.functional as F
-
-        pipe = self.pipe
-        x = F.interpolate(image.float(), size=(h, w), mode="bicubic", align_corners=False, antialias=True)
-        x = x.clamp(-1, 1).to(device=self.device, dtype=pipe.vae.dtype)
-        with self.torch.no_grad():
-            lat = pipe.vae.encode(x).latent_dist.mode()
-        lat = (lat - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
-        b, c, lh, lw = lat.shape
-        return pipe._pack_latents(lat.to(dtype), b, c, lh, lw)
-
-    def denoise(self, latents, ids, stage: Stage, embeds, generator_desc: str, progress: bool):
-        from tqdm.auto import tqdm
-
-        torch = self.torch
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        prompt_embeds, pooled, text_ids = embeds
-        # A scheduler that applies no shift of its own: the planned sigmas are already shifted.
-        sched = FlowMatchEulerDiscreteScheduler.from_config(
-            self.pipe.scheduler.config, use_dynamic_shifting=False, shift=1.0, shift_terminal=None,
-            use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False, invert_sigmas=False,
-            stochastic_sampling=False)
-        sched.set_timesteps(sigmas=stage.sigmas, device=self.device)
-        if abs(float(sched.sigmas[0]) - stage.start_sigma) > 1e-4:
-            raise ClearError(f"stage {stage.index}: the scheduler starts at sigma {float(sched.sigmas[0]):.4f}, "
-                             f"planned {stage.start_sigma:.4f}")
-        sched.set_begin_index(0)
-        tr = self.pipe.transformer
-        guidance = None
-        if tr.config.guidance_embeds:
-            guidance = torch.full([latents.shape[0]], stage.guidance, device=self.device, dtype=torch.float32)
-        bar = tqdm(total=len(sched.timesteps), desc=generator_desc, disable=not progress, leave=False,
-                   unit="step", dynamic_ncols=True)
-        with torch.no_grad(), bar:
-            for t in sched.timesteps:
-                timestep = t.expand(latents.shape[0]).to(latents.dtype)
-                v = tr(hidden_states=latents, timestep=timestep / 1000, guidance=guidance, pooled_projections=pooled,
-                       encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=ids, return_dict=False)[0]
-                latents = sched.step(v, t, latents, return_dict=False)[0]
-                bar.update()
-        return latents
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            self.torch.cuda.synchronize(self.device)
-
-    def flops(self, stage: Stage, attention: str) -> tuple[float, float]:
-        """(attention FLOPs of the stage as run, the same with full attention): all layers and steps, one image."""
-        from clear_cli.attention import attention_flops, count_pairs
-        from clear_cli.attention.counting import full_pairs
-
-        grid = stage.grid
-        full = attention_flops(full_pairs(grid, self.text_len), self.d_model)
-        if attention == "clear":
-            run = attention_flops(count_pairs(grid, self.text_len, self.window, self.down_factor), self.d_model)
-        else:
-            run = full
-        k = self.n_layers * stage.steps
-        return run * k, full * k
-
-    # -- one image -------------------------------------------------------------------------------------------
-    def run_stages(self, stages: list[Stage], prompt: str, seed: int, embeds, *, attention_override: str | None,
-                   start_latents=None, progress: bool, log: Log, tag: str = ""):
-        """Run `stages` (from the first, or from `start_latents` = output of stages[0]).
-
-        Returns (final latents, per-stage records, the first stage's output latents).
-        """
-        torch = self.torch
-        dtype = self.pipe.transformer.dtype
-        generator = torch.Generator("cpu").manual_seed(seed)
-        latents = first = None
-        records = []
-        prev: Stage | None = None
-        for st in stages:
-            attention = st.attention if attention_override is None or st.kind == "base" else attention_override
-            if st.index == 0 and start_latents is not None:
-                # same seed: consume the base stage's noise draw so later draws match the first run's
-                self.noise(st.width, st.height, dtype, generator)
-                latents, prev, first = start_latents, st, start_latents
-                continue
-            self.use(attention, st.ntk_factor, st.proportional if attention == "clear" else False)
-            self.sync()
-            t0 = time.perf_counter()
-            noise, ids = self.noise(st.width, st.height, dtype, generator)
-            if st.kind == "refine":
-                assert prev is not None and latents is not None
-                if st.width * st.height > 1024 * 1024:
-                    self.pipe.vae.enable_tiling()
-                image = self.decode(latents, prev.width, prev.height)
-                x0 = self.encode_image(image, st.width, st.height, dtype)
-                s = st.start_sigma
-                latents = (1.0 - s) * x0 + s * noise  # flow matching: x_t = (1 - s) x0 + s noise
-            else:
-                latents = noise
-            n = len(stages)
-            desc = f"{tag}stage {st.index + 1}/{n} {st.width}x{st.height}"
-            latents = self.denoise(latents, ids, st, embeds, desc, progress)
-            if first is None:
-                first = latents
-            self.sync()
-            dt = time.perf_counter() - t0
-            run_f, full_f = self.flops(st, attention)
-            saved = 0.0 if full_f == 0 else 100.0 * (1 - run_f / full_f)
-            h, w = st.grid
-            what = "full attention" if attention == "full" else (
-                f"CLEAR r={self.window}" + (f" f={self.down_factor}" if self.down_factor > 1 else ""))
-            extra = ""
-            if st.kind == "refine":
-                extra = (f", strength {st.strength:g} (stock dynamic shift would start at "
-                         f"{st.stock_start_sigma:.3f})")
-            ntk = f", NTK x{st.ntk_factor:g}" if st.ntk_factor else ""
-            prop = ", proportional attention" if attention == "clear" and st.proportional else ""
-            log(f"  {tag}stage {st.index + 1}/{n} {st.kind:<6} {st.width}x{st.height} ({w}x{h} tokens) {what}{ntk}"
-                f"{prop}: start sigma {st.start_sigma:.3f}{extra}, {st.steps} steps, {dt:.1f} s, attention "
-                f"{_tflop(run_f)} vs {_tflop(full_f)} full ({saved:.1f}% saved)")
-            records.append({**st.to_dict(), "attention": attention, "seconds": round(dt, 3),
-                            "attention_tflop": run_f / 1e12, "full_attention_tflop": full_f / 1e12})
-            prev = st
-        return latents, records, first
-
-    def to_pil(self, latents, w: int, h: int):
-        if w * h > 1024 * 1024:
-            self.pipe.vae.enable_tiling()
-        image = self.decode(latents, w, h)
-        return self.pipe.image_processor.postprocess(image, output_type="pil")[0]
-
-
-def _tflop(x: float) -> str:
-    return f"{x / 1e12:.3g} TFLOP" if x >= 1e12 else f"{x / 1e9:.3g} GFLOP"
-
-
 def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, prompts_file: str | None = None,
              pipe=None, log: Log | None = None, progress: bool = True, **options: Any) -> list[GenOutput]:
     """Generate images with CLEAR attention and write them as PNGs; returns what was written.
@@ -671,7 +279,7 @@ def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, p
     say(f"plan: {plan_txt} ({'cascade' if len(stages) > 1 else 'direct'}), window {window}, down_factor {down}, "
         f"model {cfg.model} on {pipe._execution_device} {str(pipe.transformer.dtype).replace('torch.', '')}")
     if par is None:
-        runner = _Runner(pipe, window, down, cfg.backend, weights, train_seq_len)
+        runner = StageRunner(pipe, window, down, cfg.backend, weights, train_seq_len)
     else:  # parallel (issue 11)
         from clear_cli.parallel.generation import make_runner
 
@@ -699,7 +307,7 @@ def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, p
     return results
 
 
-def _run_all(runner: _Runner, plans, stages: list[Stage], cfg: GenConfig, base_info: dict, target: tuple[int, int],
+def _run_all(runner: StageRunner, plans, stages: list[Stage], cfg: GenConfig, base_info: dict, target: tuple[int, int],
              progress: bool, say: Log) -> list[GenOutput]:
     w, h = target
     results: list[GenOutput] = []

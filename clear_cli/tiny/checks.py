@@ -44,20 +44,19 @@ def dominant_object_color(img: np.ndarray, threshold: float = 0.2) -> str | None
     return scenes.COLOR_NAMES[int(counts.argmax())]
 
 
-def _images(pipe, prompts: Sequence[str], seeds: Sequence[int], size: int, steps: int, batch: int = 25
-            ) -> np.ndarray:
-    """Draw prompts with per-prompt seeded generators: float [N, size, size, 3] in [0, 1].
+def _images(pipe, prompts: Sequence[str], seed: int, size: int, steps: int, batch: int = 25) -> np.ndarray:
+    """Draw prompt i with seed `seed + i` (the held-out scene's own seed): float [N, size, size, 3] in [0, 1].
 
     The model's own text length is passed explicitly: a stock FluxPipeline would pad to 512 (DESIGN.md §8).
     """
     from clear_cli.models import text_len
+    from clear_cli.sampling.seeds import draw
 
     out = []
     for i in range(0, len(prompts), batch):
-        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i:i + batch]]
-        res = pipe(list(prompts[i:i + batch]), height=size, width=size, num_inference_steps=steps,
-                   generator=gens, output_type="np", max_sequence_length=text_len(pipe))
-        out.append(np.asarray(res.images, dtype=np.float32))
+        images = draw(pipe, range(i, min(i + batch, len(prompts))), seed, prompts=prompts, height=size, width=size,
+                      num_inference_steps=steps, output_type="np", max_sequence_length=text_len(pipe))
+        out.append(np.asarray(images, dtype=np.float32))
     return np.concatenate(out)
 
 
@@ -83,7 +82,7 @@ def color_check(pipe, n: int = 100, size: int = 128, steps: int = 20, start: int
     the wrong thing paints the object's colour there.
     """
     items = color_prompts(n, start)
-    imgs = _images(pipe, [p for p, _, _ in items], [start + i for i in range(n)], size, steps)
+    imgs = _images(pipe, [p for p, _, _ in items], start, size, steps)
     hits = bg_hits = 0
     misses: dict[str, int] = {}
     for img, (_, want, bg) in zip(imgs, items):
@@ -125,7 +124,7 @@ def reconstruction_check(pipe, n: int = 100, size: int = 128, start: int = HELD_
 def sample_grid(pipe, n: int = 16, size: int = 128, steps: int = 20, start: int = HELD_OUT) -> tuple[np.ndarray, list[str]]:
     """A square grid image of n held-out scene prompts (for docs and eyeballing) and the prompts."""
     caps = scenes.held_out_prompts(n, start)
-    imgs = _images(pipe, caps, [start + i for i in range(n)], size, steps)
+    imgs = _images(pipe, caps, start, size, steps)
     k = int(np.ceil(np.sqrt(n)))
     pad = np.ones((k * k - n, size, size, 3), np.float32)
     g = np.concatenate([imgs, pad]).reshape(k, k, size, size, 3).transpose(0, 2, 1, 3, 4).reshape(k * size, k * size, 3)
@@ -202,7 +201,7 @@ def attention_locality(pipe, prompts: Sequence[str] | None = None, size: int = 2
     try:
         for i, m in enumerate(mods):
             m.set_processor(_LocalityProbe(i, stats, radii, text_len(pipe), (g, g)))
-        _images(pipe, prompts, [HELD_OUT + i for i in range(len(prompts))], size, steps)
+        _images(pipe, prompts, HELD_OUT, size, steps)
     finally:
         for m, p in zip(mods, saved):
             m.set_processor(p)
@@ -225,17 +224,16 @@ class ClearQuality:
 def clear_vs_teacher(pipe, windows: Sequence[int] = (2, 3, 4), size: int = 256, n: int = 4, steps: int = 20,
                      backend: str = "auto") -> list[ClearQuality]:
     """CLEAR without distillation against full attention: mean PSNR/SSIM over n held-out prompts."""
-    from clear_cli import linearize, unlinearize
+    from clear_cli.attention.linearize import linearize, unlinearize
     from clear_cli.metrics.pixel import psnr, ssim
 
     prompts = scenes.held_out_prompts(n)
-    seeds = [HELD_OUT + i for i in range(n)]
-    teacher = _images(pipe, prompts, seeds, size, steps)
+    teacher = _images(pipe, prompts, HELD_OUT, size, steps)
     out = []
     try:
         for r in windows:
             linearize(pipe, window=int(r), backend=backend)
-            student = _images(pipe, prompts, seeds, size, steps)
+            student = _images(pipe, prompts, HELD_OUT, size, steps)
             s, t = (torch.from_numpy(v).permute(0, 3, 1, 2) for v in (student, teacher))  # [N, 3, H, W] in [0, 1]
             out.append(ClearQuality(size=size, window=int(r), psnr=float(psnr(s, t).mean()),
                                     ssim=float(ssim(s, t).mean()), n=n))

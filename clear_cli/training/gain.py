@@ -22,13 +22,13 @@ import torch
 
 def _draw(pipe, embeds, res: int, steps: int, guidance: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(images [N,3,H,W] in [0,1], packed final latents) for every prompt, prompt i with seed + i."""
-    t5, pooled = embeds
+    from clear_cli.sampling.seeds import draw
+
     imgs, lats = [], []
-    for i in range(t5.shape[0]):
-        kw = dict(prompt_embeds=t5[i:i + 1], pooled_prompt_embeds=pooled[i:i + 1], width=res, height=res,
-                  num_inference_steps=steps, guidance_scale=guidance, max_sequence_length=t5.shape[1])
-        lat = pipe(**kw, generator=torch.Generator("cpu").manual_seed(seed + i), output_type="latent").images
-        img = pipe(**kw, generator=torch.Generator("cpu").manual_seed(seed + i), output_type="pt").images
+    for i in range(embeds[0].shape[0]):
+        kw = dict(embeds=embeds, width=res, height=res, num_inference_steps=steps, guidance_scale=guidance)
+        lat = draw(pipe, [i], seed, output_type="latent", **kw)
+        img = draw(pipe, [i], seed, output_type="pt", **kw)
         lats.append(lat.float().cpu())
         imgs.append(img.float().clamp(0, 1).cpu())
     return torch.cat(imgs), torch.cat(lats)
