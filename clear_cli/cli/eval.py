@@ -68,10 +68,32 @@ def eval_cmd(
     if as_json:
         print(json.dumps(result, indent=1))
     else:
-        from clear_cli.jobs.report import print_table
-
         print_table(result)
         print(f"report: {out / result['report']}   grid: {out / result['grid']}   json: {out / 'eval.json'}")
+
+
+def print_table(result: dict, console=None) -> None:
+    """The summary table in the terminal (metrics down, teacher and students across), then skipped metrics."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from clear_cli.jobs.report import table_rows
+
+    header, rows = table_rows(result)
+    title = (f"clear eval: {result['model']}, {result['width']}x{result['height']}, n={result['n']}, "
+             f"{result['steps']} steps, seed {result['seed']}")
+    table = Table(title=title)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r)
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped / captured: do not wrap metric names at 80 columns
+            console = Console(width=max(console.width, 40 + 22 * len(header)))
+    console.print(table)
+    for m, why in result.get("skipped", {}).items():
+        console.print(f"skipped {m}: {why}", markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -64,7 +64,7 @@ def check_cmd(
     from clear_cli.tiny.checks import run_checks
 
     res = run_checks(model, n=n, steps=steps, locality=locality, clear=clear, device=device, start=start,
-                     echo=lambda line: print(line, flush=True))
+                     log=lambda line: print(line, flush=True))
     if out is not None:
         from clear_cli.files import atomic_write_text
 

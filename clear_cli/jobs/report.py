@@ -1,4 +1,6 @@
-"""What `clear eval` shows: a terminal table (rich), an HTML report and a PNG grid, all from the result dict.
+"""What `clear eval` writes: an HTML report and a PNG grid, and the summary table's rows, all from the result dict.
+
+The terminal table (rich) is drawn by the CLI (clear_cli/cli/eval.py) from `table_rows`.
 
 The HTML report sits in the eval folder and links the cached images by relative path, so the folder can be moved
 or served as it is. It shows the first `MAX_ROWS` prompts: teacher | student | difference (x4) per student
@@ -71,27 +73,6 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
             label += f" (small n={result['n']})"
         rows.append([label, _fmt(teacher.get(k), f)] + [_fmt(s.get(k), f) for s in studs])
     return header, rows
-
-
-def print_table(result: dict, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    header, rows = table_rows(result)
-    title = (f"clear eval: {result['model']}, {result['width']}x{result['height']}, n={result['n']}, "
-             f"{result['steps']} steps, seed {result['seed']}")
-    table = Table(title=title)
-    for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i == 0 else "right")
-    for r in rows:
-        table.add_row(*r)
-    if console is None:
-        console = Console()
-        if not console.is_terminal:  # piped / captured: do not wrap metric names at 80 columns
-            console = Console(width=max(console.width, 40 + 22 * len(header)))
-    console.print(table)
-    for m, why in result.get("skipped", {}).items():
-        console.print(f"skipped {m}: {why}", markup=False, highlight=False)
 
 
 def _pairs(result: dict) -> list[tuple[str, str, str]]:

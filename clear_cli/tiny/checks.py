@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from clear_cli.flux import PIXELS_PER_TOKEN, TINY_MODELS
+from clear_cli.logs import Log
 from clear_cli.tiny import scenes
 
 HELD_OUT = scenes.HELD_OUT_SEED  # scene seeds for checks start here (training draws below scenes.TRAIN_SEEDS)
@@ -286,8 +287,11 @@ def _pipe(model: str, device: str):
 
 
 def run_checks(model: str = "tiny", *, n: int = 100, steps: int = 20, locality: bool = True, clear: bool = True,
-               device: str = "cpu", start: int = HELD_OUT, echo=print) -> dict:
-    """All checks for a tiny model, with the random model's colour rate beside it; returns a JSON-able dict."""
+               device: str = "cpu", start: int = HELD_OUT, log: Log | None = None) -> dict:
+    """All checks for a tiny model, with the random model's colour rate beside it; returns a JSON-able dict.
+
+    `log` receives one line per figure as it is measured (None: quiet).
+    """
     import time
 
     from clear_cli.errors import UsageError
@@ -296,33 +300,34 @@ def run_checks(model: str = "tiny", *, n: int = 100, steps: int = 20, locality: 
         raise UsageError(f"--n must be at least 1, got {n}")
     if start < HELD_OUT:
         raise UsageError(f"--start {start} would draw training scenes; held-out seeds start at {HELD_OUT}")
+    say: Log = log or (lambda _line: None)
     res: dict = {"model": model, "n": n, "steps": steps, "start": start}
     for name in (model, "tiny-random"):
         t = time.time()
         c = color_check(_pipe(name, device), n=n, steps=steps, start=start)
         key = "color" if name == model else "color_random"
         res[key] = to_dict(c)
-        echo(f"colour following ({name}): {c.hits}/{c.n} = {c.rate:.0%}, background in the named colour "
+        say(f"colour following ({name}): {c.hits}/{c.n} = {c.rate:.0%}, background in the named colour "
              f"{c.background_hits}/{c.n}  [{time.time() - t:.0f} s]")
     pipe = _pipe(model, device)
     rec = reconstruction_check(pipe, n=n, start=start)
     res["color_vae"] = to_dict(rec)
-    echo(f"colour kept by the VAE alone (encode -> decode the real scenes): {rec.hits}/{rec.n} = {rec.rate:.0%}")
+    say(f"colour kept by the VAE alone (encode -> decode the real scenes): {rec.hits}/{rec.n} = {rec.rate:.0%}")
     if locality:
         loc = attention_locality(pipe)
         res["locality"] = to_dict(loc)
-        echo(f"attention locality at {loc.size} px ({loc.grid[0]}x{loc.grid[1]} tokens): image-to-image mass within r")
-        echo("  layer      " + "  ".join(f"r={r:<4}" for r in loc.radii))
+        say(f"attention locality at {loc.size} px ({loc.grid[0]}x{loc.grid[1]} tokens): image-to-image mass within r")
+        say("  layer      " + "  ".join(f"r={r:<4}" for r in loc.radii))
         for name, row in zip(loc.layers, loc.share):
-            echo(f"  {name:<10} " + "  ".join(f"{v:6.1%}" for v in row))
-        echo("  uniform    " + "  ".join(f"{v:6.1%}" for v in loc.uniform))
+            say(f"  {name:<10} " + "  ".join(f"{v:6.1%}" for v in row))
+        say("  uniform    " + "  ".join(f"{v:6.1%}" for v in loc.uniform))
     if clear:
         try:
             qs = clear_vs_teacher(pipe, steps=steps)
         except ImportError as e:  # clear_cli.linearize not available in this build
-            echo(f"CLEAR comparison skipped ({e})")
+            say(f"CLEAR comparison skipped ({e})")
         else:
             res["clear"] = [to_dict(q) for q in qs]
             for q in qs:
-                echo(f"CLEAR r={q.window} vs full attention at {q.size} px: PSNR {q.psnr:.2f} dB, SSIM {q.ssim:.3f} (n={q.n})")
+                say(f"CLEAR r={q.window} vs full attention at {q.size} px: PSNR {q.psnr:.2f} dB, SSIM {q.ssim:.3f} (n={q.n})")
     return res

@@ -60,7 +60,7 @@ def test_tiny_recipe_distillation_beats_zero_shot_clear(tmp_path):
     """`clear distill recipes/tiny.yaml` on data drawn by the trained tiny teacher: on held-out prompts the
     student's error against the teacher is at least 30% below the un-distilled linearized model's."""
     from clear_cli.models import tiny
-    from clear_cli.training.gain import bench
+    from clear_cli.jobs.gain import bench
 
     if not tiny.TINY_WEIGHTS.is_file():
         pytest.skip("the trained tiny teacher is not shipped in this build")
