@@ -73,14 +73,10 @@ def _caption_of(row: dict, where: str) -> str:
 
 
 def _from_jsonl(root: Path, path: Path, file_key) -> list[SourceImage]:
+    from clear_cli.data.layout import jsonl_rows
+
     out = []
-    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}: line {no} is not JSON ({e.msg})") from None
+    for no, row in jsonl_rows(path.read_text(encoding="utf-8"), str(path)):
         rel = file_key(row) if isinstance(row, dict) else None
         if not rel:
             raise UsageError(f"{path}: line {no} names no image file")

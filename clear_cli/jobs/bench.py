@@ -17,6 +17,7 @@ from typing import Callable
 from clear_cli.attention.counting import attention_flops, count_pairs, full_pairs, image_pairs, paper_pairs
 from clear_cli.config import doc
 from clear_cli.flux import HEAD_DIM, HEADS, PIXELS_PER_TOKEN, TEXT_LEN
+from clear_cli.logs import sayer
 from clear_cli.resolution import token_grid
 
 
@@ -85,7 +86,7 @@ def bench_attention(cfg: AttentionBenchConfig, log: Callable[[str], None] | None
     from clear_cli.attention import clear_attention
     from clear_cli.devices import resolve_device, resolve_dtype
 
-    say = log or (lambda s: None)
+    say = sayer(log)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     d_model = cfg.heads * cfg.head_dim

@@ -37,7 +37,7 @@ from clear_cli.config import doc
 from clear_cli.errors import ClearError, UsageError
 from clear_cli.files import atomic_write_text, foreign_entries, remove_owned
 from clear_cli.flux import PIXELS_PER_TOKEN, TINY_MODELS
-from clear_cli.logs import Log
+from clear_cli.logs import Log, sayer
 
 STATE_FILE = "demo.json"
 LOCK_FILE = ".demo.lock"
@@ -585,7 +585,7 @@ def demo(config: DemoConfig | None = None, *, log: Log | None = None, progress: 
     import torch
 
     cfg = _coerce(config, options)
-    say: Log = log or (lambda _m: None)
+    say = sayer(log)
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
     if cfg.threads is not None:

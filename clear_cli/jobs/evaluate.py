@@ -49,7 +49,7 @@ from clear_cli.config import doc
 from clear_cli.errors import UsageError
 from clear_cli.files import atomic_write_text, save_png
 from clear_cli.flux import DEFAULT_MODEL, default_text, is_tiny, model_defaults
-from clear_cli.logs import Log, warner
+from clear_cli.logs import Log, sayer, warner
 
 SCHEMA = "clear-eval/1"
 COCO_DEFAULT = "~/.cache/clear/coco/annotations/captions_val2014.json"
@@ -411,7 +411,7 @@ def evaluate(students: str | Sequence[str | os.PathLike], config: EvalConfig | N
         cfg = dataclasses.replace(config or EvalConfig(), **options)
     except TypeError as e:
         raise UsageError(f"evaluate(): {e}") from None
-    say: Log = log or (lambda _m: None)
+    say = sayer(log)
 
     warn = warner(log)
 

@@ -35,7 +35,7 @@ from clear_cli.config import doc
 from clear_cli.errors import UsageError
 from clear_cli.files import save_png
 from clear_cli.flux import DEFAULT_MODEL, PIXELS_PER_TOKEN, default_text, model_defaults
-from clear_cli.logs import Log, warner
+from clear_cli.logs import Log, sayer, warner
 from clear_cli.resolution import parse_res
 from clear_cli.sampling.plan import Stage, check_target, plan_stages
 from clear_cli.sampling.runner import StageRunner
@@ -224,7 +224,7 @@ def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, p
         cfg = dataclasses.replace(cfg, device=par.device)
         log, progress = par.main_only(log), progress and par.is_main
     # --- end parallel ---
-    say: Log = log or (lambda _msg: None)
+    say = sayer(log)
 
     warn = warner(log)
 

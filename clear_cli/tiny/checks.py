@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from clear_cli.flux import PIXELS_PER_TOKEN, TINY_MODELS
-from clear_cli.logs import Log
+from clear_cli.logs import Log, sayer
 from clear_cli.tiny import scenes
 
 HELD_OUT = scenes.HELD_OUT_SEED  # scene seeds for checks start here (training draws below scenes.TRAIN_SEEDS)
@@ -300,7 +300,7 @@ def run_checks(model: str = "tiny", *, n: int = 100, steps: int = 20, locality: 
         raise UsageError(f"--n must be at least 1, got {n}")
     if start < HELD_OUT:
         raise UsageError(f"--start {start} would draw training scenes; held-out seeds start at {HELD_OUT}")
-    say: Log = log or (lambda _line: None)
+    say = sayer(log)
     res: dict = {"model": model, "n": n, "steps": steps, "start": start}
     for name in (model, "tiny-random"):
         t = time.time()

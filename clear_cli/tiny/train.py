@@ -408,7 +408,7 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
 
     def save_state(stage_now: str, step: int) -> None:
         run.write_state(stage=stage_now, step=step, config=to_dict(cfg),
-                        seconds=spent + time.monotonic() - t_start)
+                        seconds=run.clock())
 
     comps = tiny.build_components(seed=cfg.seed)
     for name in tiny.COMPONENT_PREFIXES:
@@ -431,7 +431,7 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
         ok, done = _run_stage("vae", run, vae, opt, cfg.vae_steps, cfg.vae_lr, 50, vae_step, cfg, resume=resume,
                               deadline=deadline, progress=progress, on_step=on_step, save_state=save_state)
         if not ok:
-            return TrainResult(out, "vae", done, False, None, spent + time.monotonic() - t_start)
+            return TrainResult(out, "vae", done, False, None, run.clock())
         save_safetensors(vae_final, {k: v.contiguous() for k, v in vae.state_dict().items()})
         stage = "cache"
         save_state(stage, 0)
@@ -458,7 +458,7 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
         save_safetensors(cache_path, {"latents": lat, "seeds": torch.from_numpy(seeds.astype(np.int64))},
                          metadata={"shift_factor": repr(shift), "scaling_factor": repr(1.0 / std)})
         run.log(stage="cache", step=cfg.cache_size, shift_factor=shift, scaling_factor=1.0 / std,
-                seconds=round(spent + time.monotonic() - t_start, 1))
+                seconds=round(run.clock(), 1))
         stage = "flux"
         save_state(stage, 0)
 
@@ -483,9 +483,9 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
         trained.load_state_dict(load_file(str(flux_final), device=str(dev)))
     else:
         finished = _flux_stage(cfg, run, pipe, latents, seeds, captions, dev, resume, deadline, progress, on_step,
-                               lambda st, n: save_state(st, n))
+                               save_state)
         if not finished[0]:
-            return TrainResult(out, "flux", finished[1], False, None, spent + time.monotonic() - t_start)
+            return TrainResult(out, "flux", finished[1], False, None, run.clock())
         # clone: T5 ties its input embedding to `shared`, and safetensors refuses shared storage
         save_safetensors(flux_final, {k: v.contiguous().clone() for k, v in trained.state_dict().items()})
         stage = "decoder"
@@ -493,14 +493,14 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
 
     # ---- stage 4: sharpen the decoder on the frozen encoder's latents (the transformer's latent space stays)
     ok, step = finetune_decoder(vae, cfg, run, dev, resume=resume, deadline=deadline, progress=progress,
-                                on_step=on_step, save_state=lambda st, n: save_state(st, n))
+                                on_step=on_step, save_state=save_state)
     if not ok:
-        return TrainResult(out, "decoder", step, False, None, spent + time.monotonic() - t_start)
+        return TrainResult(out, "decoder", step, False, None, run.clock())
     trained.eval()
     vae.eval()
     for name in tiny.COMPONENT_PREFIXES:
         comps[name].to("cpu")
-    seconds = spent + time.monotonic() - t_start
+    seconds = run.clock()
     result = out / RESULT_NAME
     tiny.save_trained(comps, result, metadata={
         "config": json.dumps(to_dict(cfg)), "seconds": f"{seconds:.0f}", "torch": torch.__version__,
