@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from clear_cli.config import apply_overrides, to_dict
 from clear_cli.errors import ClearError, UsageError
 from clear_cli.files import atomic_dir, atomic_write_text, owned_present, remove_owned, save_png, save_safetensors
-from clear_cli.flux import PIXELS_PER_TOKEN
+from clear_cli.flux import BASE_RES, PIXELS_PER_TOKEN
 from clear_cli.training.recipe import (
     Recipe, problem_text, recipe_data, recipe_hash, recipe_problems, resume_differences,
 )
@@ -565,7 +565,7 @@ class Distiller:
         if step is None and folder.is_dir():
             return
         t5, pooled = self.val_embeds
-        res = r.resolution or 1024
+        res = r.resolution or BASE_RES
         images = []
         with torch.no_grad(), self.acc.autocast():
             for i in range(t5.shape[0]):

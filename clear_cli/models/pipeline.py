@@ -9,7 +9,7 @@ import torch
 from diffusers import FluxPipeline as _StockFluxPipeline
 
 from clear_cli.errors import ClearError
-from clear_cli.flux import DEFAULT_MODEL, TINY_MODELS
+from clear_cli.flux import DEFAULT_MODEL, TEXT_LEN, TINY_MODELS
 from clear_cli.models import tiny
 
 
@@ -29,8 +29,8 @@ class FluxPipeline(_StockFluxPipeline):
 def text_len(pipe) -> int:
     """The T5 text length a pipeline's model expects (its tokenizer's model_max_length, at most 512)."""
     tok = getattr(pipe, "tokenizer_2", None)
-    n = getattr(tok, "model_max_length", 512) if tok is not None else 512
-    return int(min(n, 512)) if n and n > 0 else 512
+    n = getattr(tok, "model_max_length", TEXT_LEN) if tok is not None else TEXT_LEN
+    return int(min(n, TEXT_LEN)) if n and n > 0 else TEXT_LEN
 
 
 def _adopt(pipe: _StockFluxPipeline) -> FluxPipeline:
