@@ -505,7 +505,7 @@ def section_distill(ctx: Ctx) -> None:
     ctx.drop_pipe()  # distill loads its own model (and changes it)
     cls = _distiller_class()
     from clear_cli.models import fit
-    from clear_cli.training.memory import memory_figure
+    from clear_cli.models.memory import memory_figure
 
     for ckpt in (True, False):
         key = "checkpointing" if ckpt else "no_checkpointing"

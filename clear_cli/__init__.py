@@ -14,13 +14,13 @@ _API = {
     "save_pipeline": "clear_cli.models",
     "linearize": "clear_cli.attention.linearize",
     "unlinearize": "clear_cli.attention.linearize",
-    "generate": "clear_cli.generate",
+    "generate": "clear_cli.jobs.generate",
     "load_attention_weights": "clear_cli.models.weights",
-    "export": "clear_cli.export",
-    "synth": "clear_cli.synth",
-    "evaluate": "clear_cli.evaluate",
-    "distill": "clear_cli.distill",
-    "demo": "clear_cli.demo",
+    "export": "clear_cli.jobs.export",
+    "synth": "clear_cli.jobs.synth",
+    "evaluate": "clear_cli.jobs.evaluate",
+    "distill": "clear_cli.jobs.distill",
+    "demo": "clear_cli.jobs.demo",
 }
 
 

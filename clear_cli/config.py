@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any, TypeVar
 import yaml
 
 from clear_cli.errors import UsageError
+from clear_cli.files import atomic_write_text
 
 T = TypeVar("T")
 
@@ -231,21 +230,6 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     return from_dict(cls, data, source=str(path) if path is not None else "config")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file under a temporary name in the same folder, then rename it into place."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_config(obj: Any, path: str | Path) -> None:

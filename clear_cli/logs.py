@@ -8,6 +8,15 @@ from typing import Callable
 Log = Callable[[str], None]
 
 
+def sayer(log: Log | None) -> Log:
+    """The caller's log, or one that keeps quiet."""
+    return log if log is not None else _quiet
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
 def warner(log: Log | None) -> Log:
     """Warnings go to the caller's log as `warning: ...` lines, or to `warnings.warn` when there is no log."""
     def warn(msg: str) -> None:

@@ -8,8 +8,7 @@ from __future__ import annotations
 import re
 
 from clear_cli.errors import UsageError
-
-PIXELS_PER_TOKEN = 16
+from clear_cli.flux import PIXELS_PER_TOKEN
 MAX_SIDE = 16384
 
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from clear_cli.flux import TRAIN_SEQ_LEN as FLUX_TRAIN_SEQ_LEN  # FLUX.1-dev at 1024^2: 4096 image + 512 text tokens
+
 CALL_KEY = "clear_call"  # the joint_attention_kwargs entry the processors receive
-FLUX_TRAIN_SEQ_LEN = 64 * 64 + 512  # FLUX.1-dev at 1024^2: 4096 image tokens + 512 text tokens
 
 
 @dataclass

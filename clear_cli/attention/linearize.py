@@ -23,7 +23,7 @@ from clear_cli.attention.context import (
     FLUX_TRAIN_SEQ_LEN, Capture, ClearSettings, ClearState, geometry_pre_hook, proportional_scale,
 )
 from clear_cli.attention.processors import ClearFluxAttnProcessor
-from clear_cli.models import rope
+from clear_cli.attention import rope
 
 __all__ = [
     "linearize", "unlinearize", "is_linearized", "teacher_mode", "capture_attention", "attention_modules",

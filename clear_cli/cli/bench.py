@@ -7,6 +7,7 @@ import json
 import typer
 
 from clear_cli.errors import UsageError
+from clear_cli.flux import HEAD_DIM, HEADS, TEXT_LEN
 
 
 def _split(text: str) -> list[str]:
@@ -22,9 +23,9 @@ def register(app: typer.Typer) -> None:
         res: str = typer.Option("1k,2k,4k,8k", "--res", help="Comma-separated: 1k,2k,4k,8k, 1024, or WxH pixels."),
         window: int = typer.Option(16, "--window", help="CLEAR window radius in tokens."),
         down_factor: int = typer.Option(1, "--down-factor", help="Pooled-key factor (1 = none)."),
-        heads: int = typer.Option(24, "--heads", help="Attention heads (FLUX: 24)."),
-        head_dim: int = typer.Option(128, "--head-dim", help="Head dimension (FLUX: 128)."),
-        text_len: int = typer.Option(512, "--text-len", help="Text tokens (FLUX.1-dev: 512)."),
+        heads: int = typer.Option(HEADS, "--heads", help=f"Attention heads (FLUX: {HEADS})."),
+        head_dim: int = typer.Option(HEAD_DIM, "--head-dim", help=f"Head dimension (FLUX: {HEAD_DIM})."),
+        text_len: int = typer.Option(TEXT_LEN, "--text-len", help=f"Text tokens (FLUX.1-dev: {TEXT_LEN})."),
         batch: int = typer.Option(1, "--batch", help="Batch size."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
         dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16."),
@@ -36,7 +37,8 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     ) -> None:
         """Per resolution: tokens, full / exact / paper FLOPs, schedule work / exact, times, speedup, efficiency."""
-        from clear_cli.attention.bench import AttentionBenchConfig, bench_attention, format_table, parse_res
+        from clear_cli.jobs.bench import AttentionBenchConfig, bench_attention, format_table
+        from clear_cli.resolution import token_grid
 
         names = _split(backends)
         bad = [b for b in names if b not in ("auto", "tiled", "flex", "reference")]
@@ -47,7 +49,7 @@ def register(app: typer.Typer) -> None:
                              "--text-len >= 0")
         resolutions = _split(res)
         for r in resolutions:
-            grid = parse_res(r)
+            grid = token_grid(r)
             if grid[0] % down_factor or grid[1] % down_factor:
                 raise UsageError(f"--down-factor {down_factor} does not divide the {grid[0]}x{grid[1]} token grid "
                                  f"of --res {r}")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from clear_cli.demo import DemoConfig
+from clear_cli.jobs.demo import DemoConfig
 
 _D = DemoConfig()  # the CLI's defaults are the API's
 
@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         the student is compared with the teacher before and after distillation (eval), exported as a LoRA
         (export) and used to generate an image above the training size (gen). Resumable: rerun to continue.
         """
-        from clear_cli.demo import demo as run
+        from clear_cli.jobs.demo import demo as run
 
         def log(msg: str) -> None:
             if not quiet:

@@ -22,7 +22,7 @@ def distill(
     Runs as is on one device, or on many with `accelerate launch -m clear_cli distill RECIPE.yaml`. Writes
     OUT/clear_attn.safetensors, OUT/recipe.yaml, OUT/log.jsonl, OUT/validation/ and OUT/checkpoints/step_N.
     """
-    from clear_cli.distill import distill as run
+    from clear_cli.jobs.distill import distill as run
 
     result = run(recipe, overrides=list(set_), out=out, resume=resume, overwrite=overwrite, device=device,
                  progress=progress)

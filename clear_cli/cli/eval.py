@@ -7,16 +7,20 @@ from pathlib import Path
 
 import typer
 
+from clear_cli.cli.model import MODEL_HELP
+from clear_cli.flux import DEFAULT_MODEL, default_text
+
 
 def eval_cmd(
     student: list[Path] = typer.Option(..., "--student", metavar="FILE", help="Student attention weights (.safetensors); repeat "
                                        "for several (r = 8, 16, 32 side by side)."),
-    model: str = typer.Option("black-forest-labs/FLUX.1-dev", "--model",
-                              help="Hub id, local diffusers directory, `tiny`, `tiny-random` or `flux-dev-random`."),
-    prompts: str = typer.Option("coco", "--prompts", help="coco (COCO-2014-val captions), builtin, or a FILE."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help=MODEL_HELP),
+    prompts: str = typer.Option(None, "--prompts", help="coco (COCO-2014-val captions), tiny (held-out tiny scene "
+                                "captions), builtin, or a FILE. [default: coco; tiny models: tiny]"),
     n: int = typer.Option(5000, "--n", help="Number of prompts (images per model)."),
-    res: str = typer.Option(None, "--res", help="1k|2k|WxH|one number (default: the model's base, 1k; tiny 128)."),
-    steps: int = typer.Option(None, "--steps", help="Denoising steps (default 28; tiny 8)."),
+    res: str = typer.Option(None, "--res", help="1k|2k|WxH|one number (default: the model's base, "
+                            f"{default_text('base_res', flux='1k')})."),
+    steps: int = typer.Option(None, "--steps", help=f"Denoising steps (default {default_text('steps')})."),
     guidance: float = typer.Option(3.5, "--guidance", help="Guidance of teacher and students."),
     seed: int = typer.Option(0, "--seed", help="Seed of prompt 0; prompt i uses seed + i."),
     out: Path = typer.Option(Path("eval"), "--out", help="Folder for cached images, eval.json, report.html, grid.png."),
@@ -45,7 +49,7 @@ def eval_cmd(
     `accelerate launch`), then report FID, CLIP, DINO, LPIPS, SSIM, PSNR, seconds per image and attention FLOPs."""
     import sys
 
-    from clear_cli.evaluate import evaluate
+    from clear_cli.jobs.evaluate import evaluate
 
     def log(msg: str) -> None:
         if not quiet:
@@ -64,10 +68,32 @@ def eval_cmd(
     if as_json:
         print(json.dumps(result, indent=1))
     else:
-        from clear_cli.report import print_table
-
         print_table(result)
         print(f"report: {out / result['report']}   grid: {out / result['grid']}   json: {out / 'eval.json'}")
+
+
+def print_table(result: dict, console=None) -> None:
+    """The summary table in the terminal (metrics down, teacher and students across), then skipped metrics."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from clear_cli.jobs.report import table_rows
+
+    header, rows = table_rows(result)
+    title = (f"clear eval: {result['model']}, {result['width']}x{result['height']}, n={result['n']}, "
+             f"{result['steps']} steps, seed {result['seed']}")
+    table = Table(title=title)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r)
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped / captured: do not wrap metric names at 80 columns
+            console = Console(width=max(console.width, 40 + 22 * len(header)))
+    console.print(table)
+    for m, why in result.get("skipped", {}).items():
+        console.print(f"skipped {m}: {why}", markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

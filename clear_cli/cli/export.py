@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from clear_cli.flux import DEFAULT_MODEL
+
 
 def export_cmd(
     weights: str = typer.Argument(..., help="Attention weights: our distill output, a published CLEAR checkpoint "
@@ -20,7 +22,7 @@ def export_cmd(
                                                                "keeping this share of squared singular values "
                                                                "(0-1]; 1 = exact."),
     model: str | None = typer.Option(None, "--model", help="Base model the delta is taken against (default: the "
-                                                           "weights' base_model, else black-forest-labs/FLUX.1-dev)."),
+                                                           f"weights' base_model, else {DEFAULT_MODEL})."),
     out: Path | None = typer.Option(None, "--out", help="Output file (default clear_lora.safetensors; "
                                                         "clear_attn_full.safetensors for full, "
                                                         "clear_lora_comfy.safetensors for comfy)."),
@@ -31,7 +33,7 @@ def export_cmd(
     device: str = typer.Option("auto", "--device", help="Where the SVDs run: auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Export attention weights as a LoRA for diffusers or ComfyUI, or as a full attention file (docs/formats.md)."""
-    from clear_cli.export import export
+    from clear_cli.jobs.export import export
 
     result = export(weights, format=format.lower(), rank=rank, energy=energy, model=model, out=out,
                     overwrite=overwrite, window=window, down_factor=down_factor, device=device)

@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-MODEL_HELP = ("Hub id, local diffusers directory, `tiny` (trained), `tiny-random` or `flux-dev-random` "
-              "(FLUX.1-dev's size, random weights).")
+from clear_cli.cli.model import MODEL_HELP
+from clear_cli.flux import DEFAULT_MODEL, default_text
 
 
 def register(app: typer.Typer) -> None:
@@ -27,11 +27,12 @@ def register(app: typer.Typer) -> None:
                                               "safetensors. Without: zero-shot."),
         force: bool = typer.Option(False, "--force", help="Run even if --window/--down-factor clash with the "
                                    "weights."),
-        model: str = typer.Option("black-forest-labs/FLUX.1-dev", "--model", help=MODEL_HELP),
+        model: str = typer.Option(DEFAULT_MODEL, "--model", help=MODEL_HELP),
         steps: Optional[int] = typer.Option(None, "--steps", help="Steps of the base (or direct) stage. "
-                                            "[default: 28; tiny 20]"),
+                                            f"[default: {default_text('steps')}]"),
         refine_steps: Optional[int] = typer.Option(None, "--refine-steps", help="Schedule length of refinement "
-                                                   "stages; each runs round(steps x strength). [default: 20; tiny 8]"),
+                                                   "stages; each runs round(steps x strength). "
+                                                   f"[default: {default_text('refine_steps')}]"),
         guidance: float = typer.Option(3.5, "--guidance", help="Guidance of the base (or direct) stage."),
         seed: int = typer.Option(0, "--seed", help="Seed of the first image; image k uses seed + k."),
         num_images: int = typer.Option(1, "--num-images", help="Images per prompt."),
@@ -39,7 +40,8 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Option("outputs", "--out", help="Output folder (<slug>_<seed>.png), or FILE.png for one "
                                 "image."),
         base_res: Optional[str] = typer.Option(None, "--base-res", help="Cascade base resolution, about its square "
-                                               "with the target's aspect ratio. [default: 1k; tiny 128]"),
+                                               "with the target's aspect ratio. "
+                                               f"[default: {default_text('base_res', flux='1k')}]"),
         upscale: int = typer.Option(2, "--upscale", help="Upscale per refinement stage (2 or 4)."),
         strength: float = typer.Option(0.7, "--strength", help="SDEdit strength of refinement stages."),
         refine_guidance: float = typer.Option(7.5, "--refine-guidance", help="Guidance of refinement stages."),
@@ -64,7 +66,7 @@ def register(app: typer.Typer) -> None:
         Examples: clear gen "a blue plane" --res 4k --weights Huage001/CLEAR:clear_local_16.safetensors;
         clear gen "a red circle" --model tiny --res 512 --compare
         """
-        from clear_cli.generate import GenConfig, generate
+        from clear_cli.jobs.generate import GenConfig, generate
 
         cfg = GenConfig(out=out, res=res, window=window, down_factor=down_factor, weights=weights, force=force,
                         model=model, steps=steps, refine_steps=refine_steps, guidance=guidance,

@@ -25,9 +25,9 @@ def info(
     import torch
 
     from clear_cli.models import fit, load_pipeline, text_len
-    from clear_cli.models.pipeline import RANDOM_NAMES
+    from clear_cli.flux import RANDOM_MODELS
 
-    if model in RANDOM_NAMES and device == "cpu":
+    if model in RANDOM_MODELS and device == "cpu":
         device = "meta"  # its weights are random: the structure and sizes are all there is to show
     pipe = load_pipeline(model, device=device, dtype=dtype)
     tr = pipe.transformer
@@ -64,24 +64,14 @@ def save(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing directory."),
 ) -> None:
     """Save a model as a normal diffusers directory that stock `FluxPipeline.from_pretrained` loads."""
-    import shutil
-    import tempfile
-
+    from clear_cli.files import atomic_dir
     from clear_cli.models import load_pipeline, save_pipeline
 
     if out.exists() and not overwrite:
         raise UsageError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
     pipe = load_pipeline(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:  # a failed save leaves no half directory; the old one stays until it succeeds
         save_pipeline(pipe, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     print(f"saved {model} to {out}")
 
 

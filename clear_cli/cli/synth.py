@@ -7,13 +7,15 @@ from typing import Optional
 
 import typer
 
+from clear_cli.flux import DEFAULT_MODEL
+
 
 def register(app: typer.Typer) -> None:
     @app.command("synth")
     def synth_cmd(
         n: Optional[int] = typer.Option(None, "--n", help="Samples to draw (built-in prompts need it; a prompt "
                                         "file or image folder defaults to all of it)."),
-        model: str = typer.Option("black-forest-labs/FLUX.1-dev", "--model",
+        model: str = typer.Option(DEFAULT_MODEL, "--model",
                                   help="Teacher: hub id, local diffusers dir, tiny, tiny-random or flux-dev-random."),
         prompts: str = typer.Option("builtin", "--prompts",
                                     help="builtin, or a .txt (a prompt a line), .jsonl or .csv file."),
@@ -43,7 +45,7 @@ def register(app: typer.Typer) -> None:
         Rerun the same command to resume. Many GPUs: `accelerate launch -m clear_cli synth ...`.
         """
         from clear_cli.errors import UsageError
-        from clear_cli.synth import synth, verify
+        from clear_cli.jobs.synth import synth, verify
 
         if repair and verify_dir is None:
             raise UsageError("--repair works with --verify DIR", "e.g. clear synth --verify out/synth --repair")

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from clear_cli.tiny import HELD_OUT_SEED
+
 tiny_app = typer.Typer(help="The tiny FLUX teacher: train it on procedural scenes (CPU) and check it.",
                        no_args_is_help=True)
 
@@ -50,7 +52,7 @@ def check_cmd(
     model: str = typer.Option("tiny", "--model", help="`tiny` (shipped weights), `tiny-random`, a weight file, or a run's checkpoints/flux_N.safetensors."),
     n: int = typer.Option(100, "--n", help="Prompts in the colour check."),
     steps: int = typer.Option(20, "--steps", help="Sampling steps."),
-    start: int = typer.Option(10**9 + 7, "--start", help="First held-out scene seed (another set: 2000000000)."),
+    start: int = typer.Option(HELD_OUT_SEED, "--start", help="First held-out scene seed (another set: 2000000000)."),
     locality: bool = typer.Option(True, "--locality/--no-locality", help="Measure attention locality at 256 px."),
     clear: bool = typer.Option(True, "--clear/--no-clear", help="CLEAR r=2-4 vs full attention at 256 px."),
     device: str = typer.Option("cpu", "--device", help="cpu, auto, cuda or cuda:N."),
@@ -62,9 +64,9 @@ def check_cmd(
     from clear_cli.tiny.checks import run_checks
 
     res = run_checks(model, n=n, steps=steps, locality=locality, clear=clear, device=device, start=start,
-                     echo=lambda line: print(line, flush=True))
+                     log=lambda line: print(line, flush=True))
     if out is not None:
-        from clear_cli.config import atomic_write_text
+        from clear_cli.files import atomic_write_text
 
         atomic_write_text(out, json.dumps(res, indent=1))
         print(f"wrote {out}")

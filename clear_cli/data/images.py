@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from clear_cli.errors import UsageError
+from clear_cli.files import png_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_KEYS = ("prompt", "caption", "text")
@@ -37,13 +38,12 @@ def encode_image(pixels: torch.Tensor, fmt: str) -> bytes:
     from PIL import Image
 
     img = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
-    buf = io.BytesIO()
     if fmt == "png":
-        img.save(buf, format="PNG")
-    elif fmt == "webp":
-        img.save(buf, format="WEBP", lossless=True, quality=100, method=4)
-    else:
+        return png_bytes(img)
+    if fmt != "webp":
         raise UsageError(f"--image-format {fmt!r} is not supported", "use png or webp")
+    buf = io.BytesIO()
+    img.save(buf, format="WEBP", lossless=True, quality=100, method=4)
     return buf.getvalue()
 
 
@@ -73,14 +73,10 @@ def _caption_of(row: dict, where: str) -> str:
 
 
 def _from_jsonl(root: Path, path: Path, file_key) -> list[SourceImage]:
+    from clear_cli.data.layout import jsonl_rows
+
     out = []
-    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}: line {no} is not JSON ({e.msg})") from None
+    for no, row in jsonl_rows(path.read_text(encoding="utf-8"), str(path)):
         rel = file_key(row) if isinstance(row, dict) else None
         if not rel:
             raise UsageError(f"{path}: line {no} names no image file")

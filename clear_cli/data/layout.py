@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from clear_cli.errors import ClearError
+from clear_cli.errors import ClearError, UsageError
+from clear_cli.files import atomic_write_bytes
 from clear_cli.resolution import parse_res  # noqa: F401  (one --res rule for every command)
 
 FORMAT = "clear-synth"
@@ -71,23 +70,6 @@ def tensor_key(index: int, name: str) -> str:
     return f"{index:08d}/{name}"
 
 
-def temp_path(final: Path) -> Path:
-    """A unique temporary name beside `final` (per process, so many writers never clash)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = temp_path(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def sha256_file(path: Path, block: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -99,6 +81,17 @@ def sha256_file(path: Path, block: int = 1 << 22) -> str:
 def dumps(obj: Any) -> str:
     """Canonical JSON (sorted keys): the same data always gives the same bytes."""
     return json.dumps(obj, sort_keys=True, ensure_ascii=False)
+
+
+def jsonl_rows(text: str, where: str):
+    """(line number, parsed row) of each non-blank line of JSON Lines text; a bad line is one UsageError."""
+    for no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield no, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{where}: line {no} is not JSON ({e.msg})") from None
 
 
 def read_card(root: Path) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 from pathlib import Path
 
 from clear_cli.errors import UsageError
@@ -164,14 +163,10 @@ def _prompts_from_file(path: Path, column: str) -> list[str]:
     if suffix == ".txt":
         return [line.strip() for line in text.splitlines() if line.strip()]
     if suffix == ".jsonl":
+        from clear_cli.data.layout import jsonl_rows
+
         prompts = []
-        for no, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"--prompts {path}: line {no} is not JSON ({e.msg})") from None
+        for no, row in jsonl_rows(text, f"--prompts {path}"):
             if not isinstance(row, dict) or column not in row:
                 keys = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
                 raise UsageError(f"--prompts {path}: line {no} has no {column!r} field (it has: {keys})",

@@ -16,6 +16,7 @@ import torch
 
 from clear_cli.data import layout
 from clear_cli.errors import ClearError
+from clear_cli.files import atomic_write_bytes, is_temp_name, remove_owned, save_safetensors
 
 
 @dataclass
@@ -34,8 +35,6 @@ class Sample:
 
 def write_chunk(root: Path, chunk: int, samples: list[Sample], image_format: str) -> list[dict]:
     """Write one chunk atomically (images, shard, then its part record); returns its manifest records."""
-    from safetensors.torch import save_file
-
     records = []
     for s in samples:
         rec: dict = {"index": s.index, "prompt": s.prompt, "seed": s.seed, "width": s.width, "height": s.height,
@@ -44,7 +43,7 @@ def write_chunk(root: Path, chunk: int, samples: list[Sample], image_format: str
             rec["source"] = s.source
         if s.image is not None:
             rel = layout.image_rel(s.index, image_format)
-            layout.atomic_write_bytes(root / rel, s.image)
+            atomic_write_bytes(root / rel, s.image)
             rec["files"]["image"] = rel
             rec["bytes"]["image"] = len(s.image)
             rec["sha256"]["image"] = _sha256_bytes(s.image)
@@ -54,16 +53,9 @@ def write_chunk(root: Path, chunk: int, samples: list[Sample], image_format: str
     if tensors:
         rel = layout.shard_rel(chunk)
         final = root / rel
-        tmp = layout.temp_path(final)
-        try:
-            # One metadata key only: safetensors writes several in hash-map order, which differs run to run,
-            # and an interrupted-then-resumed run must write the same bytes as an uninterrupted one.
-            save_file(tensors, str(tmp), metadata={"format": f"{layout.FORMAT} chunk {chunk}"})
-            size, digest = tmp.stat().st_size, layout.sha256_file(tmp)
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        # canonical header: an interrupted-then-resumed run writes the same bytes as an uninterrupted one
+        save_safetensors(final, tensors, metadata={"format": f"{layout.FORMAT} chunk {chunk}"})
+        size, digest = final.stat().st_size, layout.sha256_file(final)
         for rec in records:
             rec["files"]["tensors"] = rel
             rec["bytes"]["tensors"] = size
@@ -105,7 +97,7 @@ def merge_manifest(root: Path, n: int, batch_size: int) -> int:
         if part is None or part.get("indices") != layout.chunk_indices(c, n, batch_size):
             continue
         lines.extend(layout.dumps(rec) for rec in part["records"])
-    layout.atomic_write_bytes(root / layout.MANIFEST, "".join(line + "\n" for line in lines).encode())
+    atomic_write_bytes(root / layout.MANIFEST, "".join(line + "\n" for line in lines).encode())
     return len(lines)
 
 
@@ -115,7 +107,7 @@ def remove_stale_temps(root: Path) -> None:
         d = root / sub
         if d.is_dir():
             for e in os.scandir(d):
-                if e.is_file() and e.name.startswith(".") and e.name.endswith(".tmp"):
+                if e.is_file() and is_temp_name(e.name):
                     Path(e.path).unlink(missing_ok=True)
 
 
@@ -201,14 +193,7 @@ def _check_tensors(path: Path, index: int, spec: dict) -> str | None:
 
 def clear_owned(root: Path) -> None:
     """`--overwrite`: delete only what a synth dataset consists of, never other files in the folder."""
-    import shutil
-
-    for name in layout.OWNED:
-        p = root / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+    remove_owned(root, layout.OWNED)
 
 
 def read_manifest(root: Path) -> list[dict]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from clear_cli.metrics.loading import from_pretrained, hub_failure, local_dir_or_hub
+from clear_cli.metrics.loading import from_pretrained, load_pretrained
 from clear_cli.metrics.vision import CLIP_MEAN, CLIP_STD, resize_crop_normalize
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -22,12 +22,8 @@ class ClipScorer:
                  dtype: torch.dtype = torch.float32) -> None:
         from transformers import AutoTokenizer, CLIPModel
 
-        source = local_dir_or_hub(model, "--clip-model")
-        try:
-            self.model = from_pretrained(CLIPModel, source, dtype=dtype).to(device).eval()
-            self.tokenizer = from_pretrained(AutoTokenizer, source)
-        except Exception as e:
-            raise hub_failure("CLIP model", model, "--clip-model", e) from e
+        self.model, self.tokenizer = load_pretrained(model, "--clip-model", "CLIP model", lambda source: (
+            from_pretrained(CLIPModel, source, dtype=dtype).to(device).eval(), from_pretrained(AutoTokenizer, source)))
         self.device = torch.device(device)
         self.dtype = dtype
         self.size = int(self.model.config.vision_config.image_size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from clear_cli.metrics.loading import from_pretrained, hub_failure, local_dir_or_hub
+from clear_cli.metrics.loading import from_pretrained, load_pretrained
 from clear_cli.metrics.vision import IMAGENET_MEAN, IMAGENET_STD, resize_crop_normalize
 
 DEFAULT_DINO = "facebook/dinov2-base"
@@ -17,11 +17,8 @@ class DinoFeatures:
                  dtype: torch.dtype = torch.float32) -> None:
         from transformers import AutoModel
 
-        source = local_dir_or_hub(model, "--dino-model")
-        try:
-            self.model = from_pretrained(AutoModel, source, dtype=dtype).to(device).eval()
-        except Exception as e:
-            raise hub_failure("DINO model", model, "--dino-model", e) from e
+        self.model = load_pretrained(model, "--dino-model", "DINO model",
+                                     lambda source: from_pretrained(AutoModel, source, dtype=dtype).to(device).eval())
         self.device = torch.device(device)
         self.dtype = dtype
         # DINOv2's processor: shortest side 256, centre crop 224; a small test model uses its own size.

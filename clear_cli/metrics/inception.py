@@ -28,23 +28,18 @@ FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fi
 def _fid_blocks():
     from torchvision.models import inception as tv
 
-    class FIDInceptionA(tv.InceptionA):
-        def _forward(self, x):  # average pooling without the zero padding in the count (TF behaviour)
-            out = super()._forward(x)
-            out[3] = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
-            return out
+    def avg_pooled(base):
+        class Block(base):
+            def _forward(self, x):  # average pooling without the zero padding in the count (TF behaviour)
+                out = super()._forward(x)
+                out[3] = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
+                return out
 
-    class FIDInceptionC(tv.InceptionC):
-        def _forward(self, x):
-            out = super()._forward(x)
-            out[3] = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
-            return out
+        Block.__name__ = Block.__qualname__ = f"FID{base.__name__}"
+        return Block
 
-    class FIDInceptionE1(tv.InceptionE):
-        def _forward(self, x):
-            out = super()._forward(x)
-            out[3] = self.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
-            return out
+    FIDInceptionA, FIDInceptionC = avg_pooled(tv.InceptionA), avg_pooled(tv.InceptionC)
+    FIDInceptionE1 = avg_pooled(tv.InceptionE)
 
     class FIDInceptionE2(tv.InceptionE):
         def _forward(self, x):  # the last block max-pools (a bug in the original graph that FID keeps)

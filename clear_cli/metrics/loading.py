@@ -70,6 +70,16 @@ def from_pretrained(cls, source: str, **kw):
     return cls.from_pretrained(source, **kw)
 
 
+def load_pretrained(model: str, option: str, what: str, build):
+    """`build(source)` for `model` (a local `save_pretrained` directory or a hub id, checked first); a failure to
+    load becomes one NetworkUnavailable naming `option` (the CLIP and DINO networks load this way)."""
+    source = local_dir_or_hub(model, option)
+    try:
+        return build(source)
+    except Exception as e:
+        raise hub_failure(what, model, option, e) from e
+
+
 def local_file(value: str, option: str, suffix: str = ".safetensors") -> Path:
     """An existing weights file with the right suffix; else one clear UsageError."""
     path = Path(value).expanduser()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import torch
 
 from clear_cli.errors import UsageError
+from clear_cli.logs import warner
 from clear_cli.metrics.loading import NetworkUnavailable
 
 ALL_METRICS = ("fid", "clip", "lpips", "ssim", "psnr", "dino", "speed")
@@ -73,11 +73,7 @@ def load_networks(metrics: list[str], *, explicit: bool, device: torch.device, i
             if explicit:
                 raise
             nets.skipped[m] = e.one_line().removeprefix("error: ")
-            msg = f"skipping {m}: {nets.skipped[m]}"
-            if warn is None:
-                warnings.warn(msg, stacklevel=2)
-            else:
-                warn(msg)
+            (warn or warner(None))(f"skipping {m}: {nets.skipped[m]}")
     return nets
 
 

@@ -87,7 +87,7 @@ class Need:
 # ------------------------------------------------------------------------------------------------ architecture
 
 def _from_transformer(name: str, tr: torch.nn.Module, params: dict[str, int], text_len: int, vae_cfg: Any) -> Arch:
-    from clear_cli.training.memory import memory_figure
+    from clear_cli.models.memory import memory_figure
 
     cfg = tr.config
     fig = memory_figure(tr, 2)
@@ -142,16 +142,17 @@ def _local_arch(path: Path) -> Arch | None:
 
 def architecture(model: str, pipe=None) -> Arch | None:
     """The model's Arch without loading weights where possible; None when only loading would tell."""
-    from clear_cli.models.pipeline import DEFAULT_MODEL, RANDOM_NAMES, TINY_NAMES, text_len
+    from clear_cli.flux import DEFAULT_MODEL, RANDOM_MODELS, TINY_MODELS
+    from clear_cli.models.text import text_len
 
     if pipe is not None:
         params = {c: sum(p.numel() for p in getattr(pipe, c).parameters())
                   for c in ("transformer", "text_encoder_2", "text_encoder", "vae") if getattr(pipe, c, None) is not None}
         return _from_transformer(str(model), pipe.transformer, params, text_len(pipe), pipe.vae.config)
     name = str(model)
-    if name in RANDOM_NAMES or name == DEFAULT_MODEL:
+    if name in RANDOM_MODELS or name == DEFAULT_MODEL:
         return flux_dev_arch(name)
-    if name in TINY_NAMES:
+    if name in TINY_MODELS:
         return None  # a few MB: nothing to check
     path = Path(name).expanduser()
     if (path / "model_index.json").is_file():

@@ -9,12 +9,9 @@ import torch
 from diffusers import FluxPipeline as _StockFluxPipeline
 
 from clear_cli.errors import ClearError
+from clear_cli.flux import DEFAULT_MODEL, RANDOM_MODELS, TINY_MODELS
 from clear_cli.models import tiny
-
-DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
-TINY_NAMES = ("tiny", "tiny-random")
-RANDOM_NAMES = ("flux-dev-random",)  # FLUX.1-dev's architecture with seeded random weights (models/flux_dev.py)
-BUILTIN_NAMES = TINY_NAMES + RANDOM_NAMES
+from clear_cli.models.text import text_len
 
 
 class FluxPipeline(_StockFluxPipeline):
@@ -28,13 +25,6 @@ class FluxPipeline(_StockFluxPipeline):
     def __call__(self, *args, **kwargs):
         kwargs.setdefault("max_sequence_length", text_len(self))
         return super().__call__(*args, **kwargs)
-
-
-def text_len(pipe) -> int:
-    """The T5 text length a pipeline's model expects (its tokenizer's model_max_length, at most 512)."""
-    tok = getattr(pipe, "tokenizer_2", None)
-    n = getattr(tok, "model_max_length", 512) if tok is not None else 512
-    return int(min(n, 512)) if n and n > 0 else 512
 
 
 def _adopt(pipe: _StockFluxPipeline) -> FluxPipeline:
@@ -87,16 +77,16 @@ def load_pipeline(model: str = DEFAULT_MODEL, *, device: str | torch.device | No
 
     name = str(model)
     if str(device) == "meta":
-        if name not in RANDOM_NAMES:
-            raise ClearError(f"--device meta builds only {', '.join(RANDOM_NAMES)} (structure without weights)",
+        if name not in RANDOM_MODELS:
+            raise ClearError(f"--device meta builds only {', '.join(RANDOM_MODELS)} (structure without weights)",
                              "use cpu or cuda for other models")
         return build_flux_dev_random(torch.device("meta"), resolve_dtype(
             "bf16" if dtype in (None, "auto") else dtype, torch.device("meta")), seed=seed)
     dev = resolve_device(device) if device is not None else torch.device("cpu")
     dt = resolve_dtype(dtype, dev)
-    if name in RANDOM_NAMES:
+    if name in RANDOM_MODELS:
         pipe = build_flux_dev_random(dev, dt, seed=seed)
-    elif name in TINY_NAMES:
+    elif name in TINY_MODELS:
         pipe = build_tiny(random=name == "tiny-random", seed=seed)
     else:
         path = Path(name).expanduser()

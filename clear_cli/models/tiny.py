@@ -128,9 +128,7 @@ def load_trained(components: dict[str, Any], path: Path = TINY_WEIGHTS) -> dict[
 
 def save_trained(components: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write all component weights to one safetensors file (atomically), VAE latent stats in the metadata."""
-    import os
-
-    from safetensors.torch import save_file
+    from clear_cli.files import save_safetensors
 
     state: dict[str, torch.Tensor] = {}
     for name in COMPONENT_PREFIXES:
@@ -139,7 +137,4 @@ def save_trained(components: dict[str, Any], path: Path, metadata: dict[str, str
     vae_cfg = components["vae"].config
     meta = {"vae_config": json.dumps({"scaling_factor": float(vae_cfg.scaling_factor),
                                       "shift_factor": float(vae_cfg.shift_factor)}), **(metadata or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    save_safetensors(path, state, metadata=meta)

@@ -29,9 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -450,41 +448,8 @@ def save_attention_weights(path: str | os.PathLike, tensors: Mapping[str, torch.
 
     Metadata values that are not strings are JSON-encoded (so window=16 is stored as "16").
     """
-    from safetensors.torch import save_file
+    from clear_cli.files import save_safetensors
 
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items() if v is not None}
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
-    os.close(fd)
-    try:
-        save_file(clean, tmp, metadata=meta)
-        _canonical_header(Path(tmp))
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
-
-
-def _canonical_header(path: Path) -> None:
-    """Rewrite a safetensors header with sorted keys, so equal tensors + metadata give equal bytes.
-
-    safetensors writes its metadata map in no fixed order (a Rust HashMap): the same weights saved twice would hash
-    differently, and caches keyed by the file's sha256 (eval) would look stale. Data offsets are relative to the
-    end of the header, so only the header changes; the data is streamed, never held in memory twice.
-    """
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        new = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-        new += b" " * (-len(new) % 8)  # safetensors pads the header to 8 bytes with spaces
-        if new == json.dumps(header).encode():
-            return
-        tmp = path.with_name(path.name + ".hdr")
-        with open(tmp, "wb") as g:
-            g.write(len(new).to_bytes(8, "little"))
-            g.write(new)
-            shutil.copyfileobj(f, g, 16 << 20)
-    os.replace(tmp, path)
+    return save_safetensors(path, clean, metadata=meta)

@@ -19,11 +19,11 @@ from collections.abc import Callable
 
 import torch
 
-from clear_cli.generate import _Runner
 from clear_cli.parallel.attention import BandGroup
 from clear_cli.parallel.bands import split_bands
 from clear_cli.parallel.launch import ParallelRun
 from clear_cli.parallel.processor import band_context, band_processors
+from clear_cli.sampling.runner import StageRunner
 
 STAT_KINDS = ("halo", "text", "pooled")
 
@@ -88,8 +88,8 @@ class _StepMeter:
                             f"{fmt_bytes(rec['kv_all_gather_bytes'])} to all-gather K/V ({ratio:.1f}x)")
 
 
-class PatchRunner(_Runner):
-    """`_Runner` whose CLEAR stages run one band of the token grid per process."""
+class PatchRunner(StageRunner):
+    """`StageRunner` whose CLEAR stages run one band of the token grid per process."""
 
     def __init__(self, par: ParallelRun, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -121,9 +121,9 @@ class PatchRunner(_Runner):
         return group.gather_rows(band.contiguous())
 
 
-def make_runner(par: ParallelRun, *args, **kwargs) -> _Runner:
+def make_runner(par: ParallelRun, *args, **kwargs) -> StageRunner:
     """The runner for `par.mode`: a PatchRunner, or the plain runner (data mode: each process runs whole images)."""
-    return PatchRunner(par, *args, **kwargs) if par.mode == "patch" else _Runner(*args, **kwargs)
+    return PatchRunner(par, *args, **kwargs) if par.mode == "patch" else StageRunner(*args, **kwargs)
 
 
 def run_images(par: ParallelRun, run_all: Callable, runner, plans: list, stages, cfg, base_info, target,

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from clear_cli.flux import D_MODEL as FLUX_D_MODEL
+from clear_cli.flux import HEADS as FLUX_HEADS
+from clear_cli.flux import TEXT_LEN as FLUX_TEXT_LEN
 from clear_cli.parallel.attention import BandGroup, band_communicate, merge_text
 from clear_cli.parallel.comm import DryComm
-
-FLUX_D_MODEL, FLUX_HEADS, FLUX_TEXT_LEN = 3072, 24, 512
 
 
 def layer_bytes(grid: tuple[int, int], procs: int, window: int, down_factor: int = 1,

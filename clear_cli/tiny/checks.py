@@ -17,9 +17,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from clear_cli.flux import PIXELS_PER_TOKEN, TINY_MODELS
+from clear_cli.logs import Log, sayer
 from clear_cli.tiny import scenes
 
-HELD_OUT = 10**9 + 7  # scene seeds for checks start here; training scenes are drawn below 10**9
+HELD_OUT = scenes.HELD_OUT_SEED  # scene seeds for checks start here (training draws below scenes.TRAIN_SEEDS)
 
 
 def color_prompts(n: int = 100, start: int = HELD_OUT) -> list[tuple[str, str, str]]:
@@ -43,20 +45,19 @@ def dominant_object_color(img: np.ndarray, threshold: float = 0.2) -> str | None
     return scenes.COLOR_NAMES[int(counts.argmax())]
 
 
-def _images(pipe, prompts: Sequence[str], seeds: Sequence[int], size: int, steps: int, batch: int = 25
-            ) -> np.ndarray:
-    """Draw prompts with per-prompt seeded generators: float [N, size, size, 3] in [0, 1].
+def _images(pipe, prompts: Sequence[str], seed: int, size: int, steps: int, batch: int = 25) -> np.ndarray:
+    """Draw prompt i with seed `seed + i` (the held-out scene's own seed): float [N, size, size, 3] in [0, 1].
 
     The model's own text length is passed explicitly: a stock FluxPipeline would pad to 512 (DESIGN.md §8).
     """
     from clear_cli.models import text_len
+    from clear_cli.sampling.seeds import draw
 
     out = []
     for i in range(0, len(prompts), batch):
-        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i:i + batch]]
-        res = pipe(list(prompts[i:i + batch]), height=size, width=size, num_inference_steps=steps,
-                   generator=gens, output_type="np", max_sequence_length=text_len(pipe))
-        out.append(np.asarray(res.images, dtype=np.float32))
+        images = draw(pipe, range(i, min(i + batch, len(prompts))), seed, prompts=prompts, height=size, width=size,
+                      num_inference_steps=steps, output_type="np", max_sequence_length=text_len(pipe))
+        out.append(np.asarray(images, dtype=np.float32))
     return np.concatenate(out)
 
 
@@ -82,7 +83,7 @@ def color_check(pipe, n: int = 100, size: int = 128, steps: int = 20, start: int
     the wrong thing paints the object's colour there.
     """
     items = color_prompts(n, start)
-    imgs = _images(pipe, [p for p, _, _ in items], [start + i for i in range(n)], size, steps)
+    imgs = _images(pipe, [p for p, _, _ in items], start, size, steps)
     hits = bg_hits = 0
     misses: dict[str, int] = {}
     for img, (_, want, bg) in zip(imgs, items):
@@ -123,8 +124,8 @@ def reconstruction_check(pipe, n: int = 100, size: int = 128, start: int = HELD_
 
 def sample_grid(pipe, n: int = 16, size: int = 128, steps: int = 20, start: int = HELD_OUT) -> tuple[np.ndarray, list[str]]:
     """A square grid image of n held-out scene prompts (for docs and eyeballing) and the prompts."""
-    caps = [scenes.caption(scenes.sample_scene(start + i)) for i in range(n)]
-    imgs = _images(pipe, caps, [start + i for i in range(n)], size, steps)
+    caps = scenes.held_out_prompts(n, start)
+    imgs = _images(pipe, caps, start, size, steps)
     k = int(np.ceil(np.sqrt(n)))
     pad = np.ones((k * k - n, size, size, 3), np.float32)
     g = np.concatenate([imgs, pad]).reshape(k, k, size, size, 3).transpose(0, 2, 1, 3, 4).reshape(k * size, k * size, 3)
@@ -190,9 +191,9 @@ def attention_locality(pipe, prompts: Sequence[str] | None = None, size: int = 2
     """Share of image-to-image attention mass within radius r tokens, per layer, over a short sampling run."""
     from clear_cli.models import text_len
 
-    prompts = list(prompts) if prompts else [scenes.caption(scenes.sample_scene(HELD_OUT + i)) for i in range(4)]
+    prompts = list(prompts) if prompts else scenes.held_out_prompts(4)
     tr = pipe.transformer
-    g = size // 16
+    g = size // PIXELS_PER_TOKEN
     stats: dict = {}
     mods = [m for m in tr.modules() if type(m).__name__ == "FluxAttention"]
     names = [f"double {i}" for i in range(len(tr.transformer_blocks))] + \
@@ -201,7 +202,7 @@ def attention_locality(pipe, prompts: Sequence[str] | None = None, size: int = 2
     try:
         for i, m in enumerate(mods):
             m.set_processor(_LocalityProbe(i, stats, radii, text_len(pipe), (g, g)))
-        _images(pipe, prompts, [HELD_OUT + i for i in range(len(prompts))], size, steps)
+        _images(pipe, prompts, HELD_OUT, size, steps)
     finally:
         for m, p in zip(mods, saved):
             m.set_processor(p)
@@ -224,22 +225,19 @@ class ClearQuality:
 def clear_vs_teacher(pipe, windows: Sequence[int] = (2, 3, 4), size: int = 256, n: int = 4, steps: int = 20,
                      backend: str = "auto") -> list[ClearQuality]:
     """CLEAR without distillation against full attention: mean PSNR/SSIM over n held-out prompts."""
-    from clear_cli import linearize, unlinearize
-    from clear_cli.metrics_basic import psnr, ssim
+    from clear_cli.attention.linearize import linearize, unlinearize
+    from clear_cli.metrics.pixel import psnr, ssim
 
-    prompts = [scenes.caption(scenes.sample_scene(HELD_OUT + i)) for i in range(n)]
-    seeds = [HELD_OUT + i for i in range(n)]
-    teacher = _images(pipe, prompts, seeds, size, steps)
+    prompts = scenes.held_out_prompts(n)
+    teacher = _images(pipe, prompts, HELD_OUT, size, steps)
     out = []
     try:
         for r in windows:
             linearize(pipe, window=int(r), backend=backend)
-            student = _images(pipe, prompts, seeds, size, steps)
-            ps = [psnr(torch.from_numpy(s).permute(2, 0, 1), torch.from_numpy(t).permute(2, 0, 1))
-                  for s, t in zip(student, teacher)]
-            ss = [ssim(torch.from_numpy(s).permute(2, 0, 1), torch.from_numpy(t).permute(2, 0, 1))
-                  for s, t in zip(student, teacher)]
-            out.append(ClearQuality(size=size, window=int(r), psnr=float(np.mean(ps)), ssim=float(np.mean(ss)), n=n))
+            student = _images(pipe, prompts, HELD_OUT, size, steps)
+            s, t = (torch.from_numpy(v).permute(0, 3, 1, 2) for v in (student, teacher))  # [N, 3, H, W] in [0, 1]
+            out.append(ClearQuality(size=size, window=int(r), psnr=float(psnr(s, t).mean()),
+                                    ssim=float(ssim(s, t).mean()), n=n))
     finally:
         unlinearize(pipe)
     return out
@@ -258,7 +256,7 @@ def _pipe(model: str, device: str):
     from clear_cli.models import load_pipeline
     from clear_cli.models import tiny as tiny_mod
 
-    if model in ("tiny", "tiny-random"):
+    if model in TINY_MODELS:
         return load_pipeline(model, device=device)
     path = Path(model)
     if not path.is_file():
@@ -289,8 +287,11 @@ def _pipe(model: str, device: str):
 
 
 def run_checks(model: str = "tiny", *, n: int = 100, steps: int = 20, locality: bool = True, clear: bool = True,
-               device: str = "cpu", start: int = HELD_OUT, echo=print) -> dict:
-    """All checks for a tiny model, with the random model's colour rate beside it; returns a JSON-able dict."""
+               device: str = "cpu", start: int = HELD_OUT, log: Log | None = None) -> dict:
+    """All checks for a tiny model, with the random model's colour rate beside it; returns a JSON-able dict.
+
+    `log` receives one line per figure as it is measured (None: quiet).
+    """
     import time
 
     from clear_cli.errors import UsageError
@@ -299,33 +300,34 @@ def run_checks(model: str = "tiny", *, n: int = 100, steps: int = 20, locality: 
         raise UsageError(f"--n must be at least 1, got {n}")
     if start < HELD_OUT:
         raise UsageError(f"--start {start} would draw training scenes; held-out seeds start at {HELD_OUT}")
+    say = sayer(log)
     res: dict = {"model": model, "n": n, "steps": steps, "start": start}
     for name in (model, "tiny-random"):
         t = time.time()
         c = color_check(_pipe(name, device), n=n, steps=steps, start=start)
         key = "color" if name == model else "color_random"
         res[key] = to_dict(c)
-        echo(f"colour following ({name}): {c.hits}/{c.n} = {c.rate:.0%}, background in the named colour "
+        say(f"colour following ({name}): {c.hits}/{c.n} = {c.rate:.0%}, background in the named colour "
              f"{c.background_hits}/{c.n}  [{time.time() - t:.0f} s]")
     pipe = _pipe(model, device)
     rec = reconstruction_check(pipe, n=n, start=start)
     res["color_vae"] = to_dict(rec)
-    echo(f"colour kept by the VAE alone (encode -> decode the real scenes): {rec.hits}/{rec.n} = {rec.rate:.0%}")
+    say(f"colour kept by the VAE alone (encode -> decode the real scenes): {rec.hits}/{rec.n} = {rec.rate:.0%}")
     if locality:
         loc = attention_locality(pipe)
         res["locality"] = to_dict(loc)
-        echo(f"attention locality at {loc.size} px ({loc.grid[0]}x{loc.grid[1]} tokens): image-to-image mass within r")
-        echo("  layer      " + "  ".join(f"r={r:<4}" for r in loc.radii))
+        say(f"attention locality at {loc.size} px ({loc.grid[0]}x{loc.grid[1]} tokens): image-to-image mass within r")
+        say("  layer      " + "  ".join(f"r={r:<4}" for r in loc.radii))
         for name, row in zip(loc.layers, loc.share):
-            echo(f"  {name:<10} " + "  ".join(f"{v:6.1%}" for v in row))
-        echo("  uniform    " + "  ".join(f"{v:6.1%}" for v in loc.uniform))
+            say(f"  {name:<10} " + "  ".join(f"{v:6.1%}" for v in row))
+        say("  uniform    " + "  ".join(f"{v:6.1%}" for v in loc.uniform))
     if clear:
         try:
             qs = clear_vs_teacher(pipe, steps=steps)
         except ImportError as e:  # clear_cli.linearize not available in this build
-            echo(f"CLEAR comparison skipped ({e})")
+            say(f"CLEAR comparison skipped ({e})")
         else:
             res["clear"] = [to_dict(q) for q in qs]
             for q in qs:
-                echo(f"CLEAR r={q.window} vs full attention at {q.size} px: PSNR {q.psnr:.2f} dB, SSIM {q.ssim:.3f} (n={q.n})")
+                say(f"CLEAR r={q.window} vs full attention at {q.size} px: PSNR {q.psnr:.2f} dB, SSIM {q.ssim:.3f} (n={q.n})")
     return res

@@ -4,6 +4,7 @@
     caption(scene)   -> "a small red circle at the top left on a blue background"
     render([scene, ...], size=128) -> float32 array [B, size, size, 3] in [0, 1]
     make_batch(seeds, size) -> (images, captions)
+    held_out_prompts(n)  -> captions of scenes no training ever draws (seeds: clear_cli/tiny/__init__.py)
 
 Drawing is vectorised over the batch (every shape's mask is a soft signed-distance test on one coordinate
 grid), so a batch of 64 images at 128 px takes a few milliseconds. Every caption word is in the tiny
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+
+from clear_cli.tiny import HELD_OUT_SEED, TRAIN_SEEDS  # noqa: F401  (the seed rule lives there)
 
 # Named colours, far enough apart that a nearest-colour test can tell them apart.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -204,3 +207,10 @@ def object_center_px(obj: Obj, size: int) -> tuple[int, int]:
     """(row, column) pixel of an object's centre."""
     _, fx, fy = POSITIONS[obj.position]
     return int((fy + obj.dy) * size), int((fx + obj.dx) * size)
+
+
+def held_out_prompts(n: int, start: int = HELD_OUT_SEED) -> list[str]:
+    """Captions of the held-out scenes start, start + 1, ...: prompts no training saw (prompt i is scene start + i)."""
+    if start < HELD_OUT_SEED:
+        raise ValueError(f"held-out scene seeds start at {HELD_OUT_SEED}, got {start}")
+    return [caption(sample_scene(start + i)) for i in range(n)]

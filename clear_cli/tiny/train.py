@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -33,12 +32,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clear_cli.config import atomic_write_text, doc, to_dict
+from clear_cli.config import doc, to_dict
 from clear_cli.errors import ClearError, UsageError
+from clear_cli.files import atomic_copy, atomic_write_text, remove_owned, save_safetensors
 from clear_cli.models import tiny
 from clear_cli.tiny import scenes
 
 RESULT_NAME = "tiny_flux.safetensors"
+OWNED = ("state.json", "train_log.jsonl", "checkpoints", RESULT_NAME)  # all that --overwrite may delete
 STAGES = ("vae", "cache", "flux", "decoder", "done")
 
 
@@ -105,8 +106,6 @@ def _to_chw(imgs: np.ndarray) -> torch.Tensor:
 def _save_ckpt(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
                ema: dict[str, torch.Tensor] | None = None) -> None:
     """Model weights, AdamW moments (per parameter name) and the EMA in one safetensors file."""
-    from safetensors.torch import save_file
-
     state = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     names = {id(p): n for n, p in model.named_parameters()}
     for group in opt.param_groups:
@@ -120,9 +119,7 @@ def _save_ckpt(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
             state[f"opt.{n}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
     for k, v in (ema or {}).items():
         state[f"ema.{k}"] = v.contiguous()
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    save_safetensors(path, state)
 
 
 def _load_ckpt(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
@@ -190,7 +187,7 @@ def _vae_batch(cfg: TinyTrainConfig, step: int) -> torch.Tensor:
     crops spend most of the VAE's steps on flat background.
     """
     rng = _rng(cfg, 1, step)
-    seeds = rng.integers(0, 10**9, size=cfg.vae_batch)
+    seeds = rng.integers(0, scenes.TRAIN_SEEDS, size=cfg.vae_batch)
     full = max(cfg.res, cfg.vae_crop)
     sc = [scenes.sample_scene(int(s)) for s in seeds]
     imgs = scenes.render(sc, full)
@@ -385,9 +382,7 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
         if not overwrite:
             raise ClearError(f"{out} already holds a training run",
                              "pass --resume auto to continue it, --overwrite to start again, or another --out")
-        import shutil
-
-        shutil.rmtree(out)
+        remove_owned(out, OWNED)
         prev = None
     if prev is not None:
         saved = prev.get("config", {})
@@ -413,7 +408,7 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
 
     def save_state(stage_now: str, step: int) -> None:
         run.write_state(stage=stage_now, step=step, config=to_dict(cfg),
-                        seconds=spent + time.monotonic() - t_start)
+                        seconds=run.clock())
 
     comps = tiny.build_components(seed=cfg.seed)
     for name in tiny.COMPONENT_PREFIXES:
@@ -436,14 +431,12 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
         ok, done = _run_stage("vae", run, vae, opt, cfg.vae_steps, cfg.vae_lr, 50, vae_step, cfg, resume=resume,
                               deadline=deadline, progress=progress, on_step=on_step, save_state=save_state)
         if not ok:
-            return TrainResult(out, "vae", done, False, None, spent + time.monotonic() - t_start)
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(vae_final))
+            return TrainResult(out, "vae", done, False, None, run.clock())
+        save_safetensors(vae_final, {k: v.contiguous() for k, v in vae.state_dict().items()})
         stage = "cache"
         save_state(stage, 0)
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     vae.load_state_dict(load_file(str(vae_final), device=str(dev)))
     vae.eval()
@@ -452,7 +445,7 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
     cache_path = run.ckpt / "latents.safetensors"
     n_lat = cfg.res // 8
     if stage == "cache":
-        seeds = np.random.default_rng([cfg.seed & 0xFFFFFFFF, 3]).integers(0, 10**9, size=cfg.cache_size)
+        seeds = np.random.default_rng([cfg.seed & 0xFFFFFFFF, 3]).integers(0, scenes.TRAIN_SEEDS, size=cfg.cache_size)
         lat = torch.empty(cfg.cache_size, 16, n_lat, n_lat)
         bar = _progress(cfg.cache_size, 0, "encode", progress)
         with torch.no_grad():
@@ -462,10 +455,10 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
                 bar.update(len(imgs))
         bar.close()
         shift, std = float(lat.mean()), float(lat.std())
-        save_file({"latents": lat, "seeds": torch.from_numpy(seeds.astype(np.int64))}, str(cache_path),
-                  metadata={"shift_factor": repr(shift), "scaling_factor": repr(1.0 / std)})
+        save_safetensors(cache_path, {"latents": lat, "seeds": torch.from_numpy(seeds.astype(np.int64))},
+                         metadata={"shift_factor": repr(shift), "scaling_factor": repr(1.0 / std)})
         run.log(stage="cache", step=cfg.cache_size, shift_factor=shift, scaling_factor=1.0 / std,
-                seconds=round(spent + time.monotonic() - t_start, 1))
+                seconds=round(run.clock(), 1))
         stage = "flux"
         save_state(stage, 0)
 
@@ -490,24 +483,24 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
         trained.load_state_dict(load_file(str(flux_final), device=str(dev)))
     else:
         finished = _flux_stage(cfg, run, pipe, latents, seeds, captions, dev, resume, deadline, progress, on_step,
-                               lambda st, n: save_state(st, n))
+                               save_state)
         if not finished[0]:
-            return TrainResult(out, "flux", finished[1], False, None, spent + time.monotonic() - t_start)
+            return TrainResult(out, "flux", finished[1], False, None, run.clock())
         # clone: T5 ties its input embedding to `shared`, and safetensors refuses shared storage
-        save_file({k: v.contiguous().clone() for k, v in trained.state_dict().items()}, str(flux_final))
+        save_safetensors(flux_final, {k: v.contiguous().clone() for k, v in trained.state_dict().items()})
         stage = "decoder"
         save_state(stage, 0)
 
     # ---- stage 4: sharpen the decoder on the frozen encoder's latents (the transformer's latent space stays)
     ok, step = finetune_decoder(vae, cfg, run, dev, resume=resume, deadline=deadline, progress=progress,
-                                on_step=on_step, save_state=lambda st, n: save_state(st, n))
+                                on_step=on_step, save_state=save_state)
     if not ok:
-        return TrainResult(out, "decoder", step, False, None, spent + time.monotonic() - t_start)
+        return TrainResult(out, "decoder", step, False, None, run.clock())
     trained.eval()
     vae.eval()
     for name in tiny.COMPONENT_PREFIXES:
         comps[name].to("cpu")
-    seconds = spent + time.monotonic() - t_start
+    seconds = run.clock()
     result = out / RESULT_NAME
     tiny.save_trained(comps, result, metadata={
         "config": json.dumps(to_dict(cfg)), "seconds": f"{seconds:.0f}", "torch": torch.__version__,
@@ -542,7 +535,7 @@ def _flux_stage(cfg, run, pipe, latents, seeds, captions, dev, resume, deadline,
 
 
 def _decoder_batch(cfg: TinyTrainConfig, step: int) -> torch.Tensor:
-    seeds = _rng(cfg, 4, step).integers(0, 10**9, size=cfg.decoder_batch)
+    seeds = _rng(cfg, 4, step).integers(0, scenes.TRAIN_SEEDS, size=cfg.decoder_batch)
     return _to_chw(scenes.make_batch(seeds, cfg.res)[0])
 
 
@@ -614,20 +607,13 @@ def config_from_options(**overrides: Any) -> TinyTrainConfig:
 
 def install_weights(path: str | Path) -> Path:
     """Copy a trained result over the shipped tiny weights (atomically) after checking that it loads."""
-    import shutil
-
     src = Path(path)
     comps = tiny.build_components(seed=0)
     try:
         tiny.load_trained(comps, src)
     except Exception as e:
         raise ClearError(f"{src} is not a tiny FLUX weight file ({e})", "pass the tiny_flux.safetensors a run wrote")
-    dst = tiny.TINY_WEIGHTS
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-    return dst
+    return atomic_copy(src, tiny.TINY_WEIGHTS)
 
 
 def sharpen_decoder(weights: str | Path, out: str | Path, cfg: TinyTrainConfig | None = None, *,

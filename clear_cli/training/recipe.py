@@ -18,6 +18,7 @@ from typing import Literal
 
 from clear_cli.config import apply_overrides, doc, read_yaml, to_dict
 from clear_cli.errors import UsageError
+from clear_cli.flux import DEFAULT_MODEL
 
 DEFAULT_OUT = "out/distill"
 
@@ -146,8 +147,8 @@ class Recipe:
     """One distillation run: which model and data, the CLEAR geometry, training, loss, checkpoints, validation."""
 
     data: str = doc("", "synth dataset directory (`clear synth --out DIR`) with cached embeddings and latents")
-    model: str = doc("black-forest-labs/FLUX.1-dev", "hub id, local diffusers directory, tiny or tiny-random; must "
-                                                      "be the model that drew the data")
+    model: str = doc(DEFAULT_MODEL, "hub id, local diffusers directory, tiny or tiny-random; must be the model that "
+                                     "drew the data")
     out: str | None = doc(None, f"output directory (null = {DEFAULT_OUT}; --out overrides)")
     window: int = doc(16, "CLEAR window radius in tokens (16 px each for FLUX)")
     down_factor: int = doc(1, "f > 1 adds (H/f)(W/f) pooled keys with learnable f x f weights")

@@ -134,7 +134,7 @@ def test_coco_captions_missing_says_what_to_download(setup, cli, tmp_path):
 
 
 def test_coco_sampling_is_deterministic(tmp_path):
-    from clear_cli.evaluate import coco_prompts
+    from clear_cli.jobs.evaluate import coco_prompts
 
     anns = [{"id": i, "image_id": i // 5, "caption": f"caption  number {i}\n"} for i in range(7000, 0, -1)]
     path = tmp_path / "captions_val2014.json"
@@ -155,3 +155,53 @@ def test_cascade_compares_clear_with_full_attention(setup, tmp_path, cli):
     row = c["students"][0]
     assert 0 < row["ssim"] <= 1 and row["psnr"] > 10 and row["seconds_per_image"] > 0
     assert (out / "cascade_r1" / "00000.png").is_file() and (out / "cascade_r1" / "00000_full.png").is_file()
+
+
+def test_cascade_reports_the_full_attention_time(setup, tmp_path, cli):
+    """The "s / image (full)" row: the full-attention cascade's time per image (it was always "-")."""
+    out = tmp_path / "casc"
+    code, stdout, stderr = cli("eval", "--model", "tiny-random", "--prompts", "builtin", "--n", "1", "--res", "256",
+                               "--steps", "2", "--cascade", "--metrics", "ssim,psnr,speed", "--out", str(out),
+                               "--quiet", "--student", str(setup["r1"]))
+    assert code == 0, stderr
+    row = json.loads((out / "eval.json").read_text())["cascade"]["students"][0]
+    assert row["full_seconds_per_image"] > 0 and row["seconds_per_image"] > 0
+    line = next(ln for ln in stdout.splitlines() if "s / image (full)" in ln)
+    assert line.split()[-2] != "-", line
+
+
+def test_tiny_models_default_to_their_own_held_out_prompts(setup, tmp_path, cli, monkeypatch):
+    """`clear eval --model tiny...` needs no COCO file: the tiny model's held-out scene captions serve."""
+    from clear_cli.tiny.scenes import held_out_prompts
+
+    monkeypatch.setenv("CLEAR_COCO_CAPTIONS", str(tmp_path / "no_coco.json"))
+    out = tmp_path / "o"
+    code, _, stderr = cli("eval", "--model", "tiny-random", "--student", str(setup["full"]), "--n", "2", "--res", RES,
+                          "--steps", STEPS, "--metrics", "psnr", "--out", str(out), "--quiet", "--json")
+    assert code == 0, stderr
+    r = json.loads((out / "eval.json").read_text())
+    assert r["prompts"] == "tiny"
+    assert json.loads((out / "teacher" / "settings.json").read_text())["prompts"] == held_out_prompts(2)
+
+
+def test_step_defaults_in_the_help_are_what_runs(setup, tmp_path, cli):
+    """eval's and gen's --help name the steps a tiny model samples with, and that is what they run."""
+    def helptext(command: str) -> str:
+        code, stdout, _ = cli(command, "--help")
+        assert code == 0
+        return " ".join(stdout.split())
+
+    out = tmp_path / "o"
+    code, _, stderr = cli("eval", "--model", "tiny-random", "--prompts", "builtin", "--student", str(setup["full"]),
+                          "--n", "2", "--res", RES, "--metrics", "psnr", "--out", str(out), "--quiet")
+    assert code == 0, stderr
+    eval_steps = json.loads((out / "eval.json").read_text())["steps"]
+    code, _, stderr = cli("gen", "a red circle", "--model", "tiny-random", "--res", RES, "--out",
+                          str(tmp_path / "g.png"))
+    assert code == 0, stderr
+    from PIL import Image
+
+    with Image.open(tmp_path / "g.png") as im:
+        gen_steps = json.loads(im.text["stages"])[0]["steps"]
+    assert f"tiny {eval_steps})" in helptext("eval")
+    assert f"tiny {gen_steps}]" in helptext("gen")

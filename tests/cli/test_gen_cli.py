@@ -187,11 +187,12 @@ def test_generate_api_restores_the_pipeline(tmp_path, tiny_random_pipe):
 
 def test_base_stage_matches_stock_pipeline(tiny_random_pipe):
     """Our sampler (full attention, planned sigmas) reproduces stock FluxPipeline for the same seed."""
-    from clear_cli.generate import _Runner, plan_stages
+    from clear_cli.sampling.plan import plan_stages
+    from clear_cli.sampling.runner import StageRunner
 
     pipe = tiny_random_pipe
     (st,) = plan_stages((64, 64), pipe.scheduler.config, base_res=128, train_res=128, steps=3, guidance=3.5)
-    runner = _Runner(pipe, 16, 1, "auto", None, 96)
+    runner = StageRunner(pipe, 16, 1, "auto", None, 96)
     runner.use("full", None, False)
     embeds = runner.encode_prompt("a blue plane")
     gen = torch.Generator("cpu").manual_seed(7)

@@ -17,9 +17,9 @@ pytestmark = pytest.mark.gpu
 
 def test_bf16_flex_distillation_runs_resumes_and_keeps_the_teacher_exact(tmp_path):
     from clear_cli.attention.linearize import teacher_mode
-    from clear_cli.distill import distill
+    from clear_cli.jobs.distill import distill
     from clear_cli.models import load_pipeline
-    from clear_cli.synth import synth
+    from clear_cli.jobs.synth import synth
 
     data = tmp_path / "s128"
     synth(n=16, model="tiny-random", res=128, out=str(data), steps=2, batch_size=8, device="cuda", dtype="bf16",
@@ -66,9 +66,9 @@ def test_flux_size_memory_and_step_time():
     from diffusers import FluxTransformer2DModel
 
     from clear_cli.attention.linearize import linearize, trainable_attention_parameters
-    from clear_cli.distill import loss_terms
+    from clear_cli.jobs.distill import loss_terms
     from clear_cli.training.batches import Batch, pack_latents
-    from clear_cli.training.memory import FLUX_DEV
+    from clear_cli.models.memory import FLUX_DEV
     from clear_cli.training.recipe import load_recipe
 
     torch.cuda.reset_peak_memory_stats()

@@ -272,7 +272,7 @@ def test_comfy_lora_through_stock_loader_equals_the_attention_file(flux, inputs,
     import types
 
     import clear_cli.models.pipeline as pipeline
-    from clear_cli.export import export
+    from clear_cli.jobs.export import export
 
     model, tr = flux
     student = _student(tr, tmp_path / "clear_attn.safetensors", 2, 2, seed=11)

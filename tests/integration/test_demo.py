@@ -81,7 +81,7 @@ def test_rerun_reuses_every_stage(first, cli):
 def test_interrupted_run_resumes_with_the_finished_stages_kept(first, tmp_path, monkeypatch):
     """An interruption in stage 4 keeps stages 1-3; the rerun finishes with the same figures as one run."""
     import clear_cli
-    import clear_cli.export as export_mod
+    import clear_cli.jobs.export as export_mod
 
     out = tmp_path / "d"
 
@@ -126,7 +126,7 @@ def test_refusals_are_one_line(first, cli, tmp_path):
 def test_a_retrained_teacher_invalidates_every_stage(tmp_path, monkeypatch):
     """Outputs made by another teacher (the shipped tiny weights were retrained) are not reused."""
     import clear_cli
-    import clear_cli.demo as demo_mod
+    import clear_cli.jobs.demo as demo_mod
 
     out = tmp_path / "d"
     clear_cli.demo(out=str(out), progress=False, **FAST_API)

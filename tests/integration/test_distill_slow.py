@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from clear_cli.synth import synth
+    from clear_cli.jobs.synth import synth
 
     out = tmp_path_factory.mktemp("synth") / "s64"
     synth(n=16, model="tiny-random", res=64, out=str(out), steps=2, batch_size=4, device="cpu", progress=False)
@@ -27,7 +27,7 @@ def test_two_processes_give_the_same_global_batch_and_losses(data, tmp_path):
     """Two gloo processes (micro batch 2 each) against one process (micro batch 4): same losses and weights."""
     from safetensors.torch import load_file
 
-    from clear_cli.distill import distill
+    from clear_cli.jobs.distill import distill
 
     sets = [f"data={data}", "model=tiny-random", "window=1", "train.steps=4", "train.batch_size=8",
             "train.gradient_accumulation=2", "train.optimizer=adamw", "train.lr=1e-2", "train.mixed_precision=no",
@@ -60,7 +60,7 @@ def test_tiny_recipe_distillation_beats_zero_shot_clear(tmp_path):
     """`clear distill recipes/tiny.yaml` on data drawn by the trained tiny teacher: on held-out prompts the
     student's error against the teacher is at least 30% below the un-distilled linearized model's."""
     from clear_cli.models import tiny
-    from clear_cli.training.gain import bench
+    from clear_cli.jobs.gain import bench
 
     if not tiny.TINY_WEIGHTS.is_file():
         pytest.skip("the trained tiny teacher is not shipped in this build")

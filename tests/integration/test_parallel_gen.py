@@ -36,21 +36,21 @@ CLI_ARGS = ["--model", "tiny-random", "--res", "128", "--steps", "2", "--window"
 
 def _capture_latents():
     """Record the final latents of every image (what is decoded) as generate makes them."""
-    from clear_cli.generate import _Runner
+    from clear_cli.sampling.runner import StageRunner
 
     seen = []
-    original = _Runner.to_pil
+    original = StageRunner.to_pil
 
     def to_pil(self, latents, w, h):
         seen.append(latents.detach().to("cpu").clone())
         return original(self, latents, w, h)
 
-    _Runner.to_pil = to_pil
+    StageRunner.to_pil = to_pil
     return seen
 
 
 def _run_configs(out: Path, parallel: str, pipe) -> dict:
-    from clear_cli.generate import generate
+    from clear_cli.jobs.generate import generate
 
     seen = _capture_latents()
     latents = {}
@@ -70,7 +70,7 @@ def _worker(out: Path) -> None:
     from safetensors.torch import save_file
 
     from clear_cli.cli.app import run
-    from clear_cli.generate import generate
+    from clear_cli.jobs.generate import generate
     from clear_cli.models import load_pipeline
 
     rank = int(os.environ["RANK"])
@@ -104,14 +104,15 @@ def _launch(procs: int, out: Path) -> None:
 def single(tmp_path_factory, tiny_random_pipe):
     """The single-process reference: latents of every config, the data-mode files and the CLI image."""
     from clear_cli.cli.app import run
-    from clear_cli.generate import _Runner, generate
+    from clear_cli.jobs.generate import generate
+    from clear_cli.sampling.runner import StageRunner
 
     out = tmp_path_factory.mktemp("single")
-    original = _Runner.to_pil
+    original = StageRunner.to_pil
     try:
         latents = _run_configs(out, "none", tiny_random_pipe)
     finally:
-        _Runner.to_pil = original
+        StageRunner.to_pil = original
     generate(DATA_PROMPTS, out=str(out / "data"), pipe=tiny_random_pipe, window=3, **COMMON)
     assert run(["gen", PROMPT, *CLI_ARGS, "--out", str(out / "cli.png")]) == 0
     return out, latents

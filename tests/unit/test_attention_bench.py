@@ -6,17 +6,17 @@ import json
 
 import pytest
 
-from clear_cli.attention.bench import parse_res
 from clear_cli.cli.app import run
 from clear_cli.errors import UsageError
+from clear_cli.resolution import token_grid
 
 
 def test_parse_res():
-    assert parse_res("1k") == (64, 64)
-    assert parse_res("8k") == (512, 512)
-    assert parse_res("1024x768") == (48, 64)
+    assert token_grid("1k") == (64, 64)
+    assert token_grid("8k") == (512, 512)
+    assert token_grid("1024x768") == (48, 64)
     with pytest.raises(UsageError, match="multiple of 16"):
-        parse_res("1000")
+        token_grid("1000")
 
 
 def test_bench_attention_json(capsys):

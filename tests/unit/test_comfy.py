@@ -166,7 +166,7 @@ def test_other_loras_stack_with_the_node(tiny, students):
 
 @pytest.mark.parametrize("fmt", ["lora", "comfy"])
 def test_our_loras_become_the_same_patches(tiny, students, tmp_path, fmt):
-    from clear_cli.export import export
+    from clear_cli.jobs.export import export
 
     tr, base = tiny
     cfg = tr.config
@@ -183,7 +183,7 @@ def test_our_loras_become_the_same_patches(tiny, students, tmp_path, fmt):
 
 
 def test_apply_weights_off_reads_geometry_and_pools_only(tiny, students, tmp_path):
-    from clear_cli.export import export
+    from clear_cli.jobs.export import export
 
     tr, base = tiny
     res = export(students[2], "comfy", rank=4, model="tiny-random", out=tmp_path / "c.safetensors", progress=False)

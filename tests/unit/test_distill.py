@@ -18,7 +18,7 @@ FAST = ["model=tiny-random", "window=1", "train.steps=2", "train.batch_size=4", 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """8 samples drawn by tiny-random at 64 px (a 4x4 token grid), embeddings and latents cached."""
-    from clear_cli.synth import synth
+    from clear_cli.jobs.synth import synth
 
     out = tmp_path_factory.mktemp("synth") / "s64"
     synth(n=8, model="tiny-random", res=64, out=str(out), steps=2, batch_size=4, device="cpu", progress=False)
@@ -26,7 +26,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def run(data: Path, out: Path, *extra: str, **kw):
-    from clear_cli.distill import distill
+    from clear_cli.jobs.distill import distill
 
     return distill(None, overrides=[f"data={data}", *FAST, *extra], out=out, progress=False, device="cpu", **kw)
 
@@ -123,7 +123,7 @@ def test_only_trainable_parameters_require_grad_and_change(data, tmp_path):
 
 
 def test_memory_against_two_copies_for_flux_dev():
-    from clear_cli.training.memory import flux_dev_figure
+    from clear_cli.models.memory import flux_dev_figure
 
     fig = flux_dev_figure(dtype_bytes=2)
     assert round(fig.params / 1e9, 1) == 11.9 and round(fig.trained / 1e9, 2) == 1.79  # DESIGN.md §4

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from clear_cli.export import choose_rank, export
+from clear_cli.jobs.export import choose_rank, export
 
 WINDOW = 2  # small enough to matter on the tiny model's 8x8 token grid
 

@@ -18,7 +18,7 @@ def arch():
 
 
 def test_arch_counts_come_from_the_architecture(arch):
-    from clear_cli.training.memory import flux_dev_figure
+    from clear_cli.models.memory import flux_dev_figure
 
     fig = flux_dev_figure(2)
     assert arch.params["transformer"] == fig.params and arch.trained == fig.trained
@@ -52,7 +52,7 @@ def test_distill_need_orders(arch):
 
 
 def gen_cfg(**kw):
-    from clear_cli.generate import GenConfig
+    from clear_cli.jobs.generate import GenConfig
 
     return replace(GenConfig(), model="flux-dev-random", dtype="bf16", **kw)
 
@@ -91,7 +91,7 @@ def test_bad_memory_env_is_a_usage_error(monkeypatch):
 
 
 def test_synth_refusal_names_a_smaller_batch(monkeypatch, arch):
-    from clear_cli.synth import SynthConfig
+    from clear_cli.jobs.synth import SynthConfig
 
     monkeypatch.setenv("CLEAR_DEVICE_MEMORY", "40")
     cfg = replace(SynthConfig(), model="flux-dev-random", dtype="bf16", batch_size=16)

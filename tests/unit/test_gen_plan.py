@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from clear_cli.errors import UsageError
-from clear_cli.generate import (
-    GenConfig, base_size, parse_res, plan_outputs, plan_stages, read_prompts, shift_sigma, slug, stage_sizes, stock_mu,
-)
+from clear_cli.jobs.generate import GenConfig, plan_outputs, read_prompts, slug
+from clear_cli.resolution import parse_res
+from clear_cli.sampling.plan import base_size, plan_stages, shift_sigma, stage_sizes, stock_mu
 
 # FLUX.1-dev's scheduler config (scheduler/scheduler_config.json)
 FLUX_SCHED = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,

@@ -204,7 +204,7 @@ def test_relinearize_keeps_the_original_teacher_copies():
 def test_rope_ntk_factor():
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
-    from clear_cli.models.rope import NTKFluxPosEmbed, restore_rope, rope_ntk_factor, scale_rope
+    from clear_cli.attention.rope import NTKFluxPosEmbed, restore_rope, rope_ntk_factor, scale_rope
 
     ids = torch.cat([torch.zeros(3, 3), image_ids(5, 7)])
     stock = FluxPosEmbed(theta=10000, axes_dim=[4, 14, 14])

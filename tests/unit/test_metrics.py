@@ -57,6 +57,26 @@ def test_psnr_ssim_identical_and_known_error():
     assert ssim(x, torch.flip(x, dims=[3]))[0] < 0.5
 
 
+def test_one_psnr_ssim_for_eval_gen_and_checks():
+    """Eval's batches, gen's PIL images and the checks' float arrays get the same numbers (torchmetrics' SSIM)."""
+    from PIL import Image
+
+    from clear_cli.metrics import image_psnr, image_ssim
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (3, 3, 40, 56), generator=g, dtype=torch.uint8)
+    b = (a.int() + torch.randint(-30, 30, a.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    pa, pb = (Image.fromarray(t[1].permute(1, 2, 0).numpy()) for t in (a, b))
+    assert image_psnr(pa, pb) == pytest.approx(float(psnr(a, b)[1]), rel=1e-12)
+    assert image_ssim(pa, pb) == pytest.approx(float(ssim(a, b)[1]), rel=1e-12)
+    fa, fb = (t.permute(0, 2, 3, 1).numpy().astype(np.float32) / 255 for t in (a, b))  # HxWxC floats, as checks
+    assert image_psnr(fa[2], fb[2]) == pytest.approx(float(psnr(a, b)[2]), rel=1e-6)
+    tm = pytest.importorskip("torchmetrics.functional.image")
+    ref = tm.structural_similarity_index_measure(a.double() / 255, b.double() / 255, data_range=1.0,
+                                                  reduction="none")
+    assert torch.allclose(ssim(a, b), ref, atol=1e-12, rtol=0)
+
+
 def test_parse_metrics():
     assert parse_metrics(None) == (["fid", "clip", "lpips", "ssim", "psnr", "dino", "speed"], False)
     assert parse_metrics("psnr, ssim") == (["ssim", "psnr"], True)

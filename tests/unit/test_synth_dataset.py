@@ -13,7 +13,7 @@ import torch
 
 from clear_cli.data import SynthDataset, dataset_card, layout
 from clear_cli.errors import UsageError
-from clear_cli.synth import synth, verify
+from clear_cli.jobs.synth import synth, verify
 
 SMALL = dict(n=6, model="tiny-random", res="64", steps=2, batch_size=2, seed=3)
 

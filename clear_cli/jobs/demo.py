@@ -26,7 +26,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -34,10 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clear_cli._api import callable_module
-from clear_cli.config import atomic_write_text, doc
+from clear_cli.config import doc
 from clear_cli.errors import ClearError, UsageError
-from clear_cli.logs import Log
+from clear_cli.files import atomic_write_text, foreign_entries, remove_owned
+from clear_cli.flux import PIXELS_PER_TOKEN, TINY_MODELS
+from clear_cli.logs import Log, sayer
 
 STATE_FILE = "demo.json"
 LOCK_FILE = ".demo.lock"
@@ -46,7 +46,7 @@ FORMAT = "clear-demo/1"
 STAGES = ("synth", "distill", "eval", "export", "gen")
 # Everything the demo may delete with --overwrite: nothing else in OUT is ever touched.
 OWNED = (STATE_FILE, SUMMARY_FILE, "synth", "distill", "eval", "weights", "images", "eval_prompts.txt")
-MODELS = ("tiny", "tiny-random")
+MODELS = TINY_MODELS
 # Fields that do not change what the demo computes, so they may differ on resume.
 _NOT_IDENTITY = ("out", "overwrite", "threads", "device")
 
@@ -141,7 +141,7 @@ def _sha(path: Path) -> str | None:
 
 def _repo_recipes() -> Path:
     """recipes/ of this checkout (the recipes are not package data)."""
-    return Path(__file__).resolve().parents[1] / "recipes"
+    return Path(__file__).resolve().parents[2] / "recipes"
 
 
 def teacher_fingerprint(model: str) -> str:
@@ -242,7 +242,7 @@ def _open_out(cfg: DemoConfig) -> _State:
                                  "pass --overwrite to start over, or another --out")
             old = None
     elif out.is_dir():
-        stray = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+        stray = foreign_entries(out, (), keep=(LOCK_FILE,))
         if stray:
             raise UsageError(f"--out {out} is not empty and holds no demo (found {stray[0]})",
                              "pick a new or empty directory; --overwrite deletes only the demo's own files")
@@ -254,12 +254,7 @@ def _open_out(cfg: DemoConfig) -> _State:
                              "rerun with the same options to resume, pass --overwrite to start over, or another --out")
         return _State(out, settings, old.get("stages", {}))
     if cfg.overwrite:
-        for name in OWNED:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        remove_owned(out, OWNED)
     out.mkdir(parents=True, exist_ok=True)
     state = _State(out, settings)
     state.save()
@@ -353,7 +348,7 @@ class _Demo:
             return complete and manifest_sha() == o.get("manifest_sha256")
 
         def run(resume: bool) -> dict:
-            from clear_cli.synth import synth
+            from clear_cli.jobs.synth import synth
 
             r = synth(**opts, overwrite=not resume and self.synth_dir.exists(), progress=self.progress)
             if not r.complete:
@@ -381,7 +376,7 @@ class _Demo:
             return _sha(self.distilled) == o.get("sha256")
 
         def run(resume: bool) -> dict:
-            from clear_cli.distill import distill, list_checkpoints
+            from clear_cli.jobs.distill import distill, list_checkpoints
 
             cont = resume and bool(list_checkpoints(self.distill_dir))
             r = distill(str(self.recipe), overrides=sets, out=str(self.distill_dir),
@@ -418,7 +413,7 @@ class _Demo:
 
     def evaluate(self, weights: dict) -> dict:
         c = self.cfg
-        from clear_cli.training.gain import held_out_prompts
+        from clear_cli.tiny.scenes import held_out_prompts
 
         prompts = held_out_prompts(c.eval_n)
         opts = dict(model=c.model, n=c.eval_n, res=str(c.res), steps=c.eval_steps, seed=c.seed,
@@ -429,7 +424,7 @@ class _Demo:
             return (self.eval_dir / "eval.json").is_file() and _sha(self.zero_shot) == o.get("zero_shot_sha256")
 
         def run(resume: bool) -> dict:
-            from clear_cli.evaluate import evaluate
+            from clear_cli.jobs.evaluate import evaluate
 
             atomic_write_text(self.eval_prompts, "".join(p + "\n" for p in prompts))
             self.write_zero_shot(self.distilled)
@@ -452,7 +447,7 @@ class _Demo:
             return _sha(self.lora) == o.get("sha256")
 
         def run(resume: bool) -> dict:
-            from clear_cli.export import export
+            from clear_cli.jobs.export import export
 
             r = export(str(self.distilled), "lora", rank=c.lora_rank, model=c.model, out=str(self.lora),
                        overwrite=True, device="cpu" if c.device == "cpu" else "auto", progress=self.progress)
@@ -475,7 +470,7 @@ class _Demo:
     # -- 5. gen -------------------------------------------------------------------------------------------
     def generate(self, lora: dict, ev: dict) -> dict:
         c = self.cfg
-        from clear_cli.training.gain import held_out_prompts
+        from clear_cli.tiny.scenes import held_out_prompts
 
         prompt = held_out_prompts(1)[0]
         key = {"lora": lora["sha256"], "zero_shot": ev["zero_shot_sha256"], "res": c.gen_res, "seed": c.seed,
@@ -485,7 +480,7 @@ class _Demo:
             return all(Path(p).is_file() for p in o.get("files", []))
 
         def run(resume: bool) -> dict:
-            from clear_cli.generate import generate
+            from clear_cli.jobs.generate import generate
 
             rows, files = {}, []
             for label, w in (("before", self.zero_shot), ("after", self.lora)):
@@ -514,7 +509,7 @@ def summarize(cfg: DemoConfig, out: Path, ev: dict, ex: dict, gen: dict, runs: l
     t = ev["teacher"]
     studs = {s["name"]: s for s in ev["students"]}
     before, after = studs.get("zero_shot_attn", {}), studs.get("clear_attn", {})
-    grid = cfg.res // 16
+    grid = cfg.res // PIXELS_PER_TOKEN
     lines = [
         f"# clear demo: {cfg.model} FLUX, CLEAR window r={cfg.window} on its {grid}x{grid} token grid",
         "",
@@ -590,7 +585,7 @@ def demo(config: DemoConfig | None = None, *, log: Log | None = None, progress: 
     import torch
 
     cfg = _coerce(config, options)
-    say: Log = log or (lambda _m: None)
+    say = sayer(log)
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
     if cfg.threads is not None:
@@ -628,4 +623,3 @@ def demo(config: DemoConfig | None = None, *, log: Log | None = None, progress: 
                       report=Path(ev_out["report"]), images=images, seconds=wall)
 
 
-callable_module(__name__, "demo")  # clear_cli.demo(...) works even after `import clear_cli.demo`

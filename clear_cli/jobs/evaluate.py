@@ -45,15 +45,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clear_cli._api import callable_module
-from clear_cli.config import atomic_write_text, doc
+from clear_cli.config import doc
 from clear_cli.errors import UsageError
-from clear_cli.logs import Log, warner
+from clear_cli.files import atomic_write_text, save_png
+from clear_cli.flux import DEFAULT_MODEL, default_text, is_tiny, model_defaults
+from clear_cli.logs import Log, sayer, warner
 
 SCHEMA = "clear-eval/1"
 COCO_DEFAULT = "~/.cache/clear/coco/annotations/captions_val2014.json"
 COCO_URL = "http://images.cocodataset.org/annotations/annotations_trainval2014.zip"
 COCO_SAMPLE = 5000
+TINY_PROMPTS = "tiny"  # --prompts tiny: captions of held-out tiny scenes (clear_cli/tiny/__init__.py)
 TEACHER_DIR = "teacher"
 
 
@@ -62,11 +64,13 @@ TEACHER_DIR = "teacher"
 class EvalConfig:
     """Everything `clear eval` takes besides the student files (CLI options map 1:1)."""
 
-    model: str = doc("black-forest-labs/FLUX.1-dev", "hub id, local diffusers dir, tiny or tiny-random")
-    prompts: str = doc("coco", "coco (5,000 COCO-2014-val captions), builtin, or a .txt/.jsonl/.csv file")
+    model: str = doc(DEFAULT_MODEL, "hub id, local diffusers dir, tiny or tiny-random")
+    prompts: str | None = doc(None, "coco (5,000 COCO-2014-val captions), tiny (captions of held-out tiny scenes), "
+                                    "builtin, or a .txt/.jsonl/.csv file (default: coco; tiny for the tiny models)")
     n: int = doc(5000, "number of prompts (images per model)")
-    res: str | None = doc(None, "image size: 1k|2k|WxH|one number (default: the model's base, 1k; tiny 128)")
-    steps: int | None = doc(None, "denoising steps (default 28; tiny 8)")
+    res: str | None = doc(None, "image size: 1k|2k|WxH|one number (default: the model's base, "
+                                f"{default_text('base_res', flux='1k')})")
+    steps: int | None = doc(None, f"denoising steps (default {default_text('steps')})")
     guidance: float = doc(3.5, "guidance of the teacher and the students")
     seed: int = doc(0, "seed of prompt 0; prompt i uses seed + i")
     out: str = doc("eval", "output folder: cached images, eval.json, report.html, grid.png")
@@ -110,10 +114,19 @@ def coco_prompts(path: str | None, n: int) -> list[str]:
     return picked[:n]
 
 
+def default_prompts(model: str) -> str:
+    """The prompt set a model is evaluated on by default: COCO for FLUX, the tiny model's own held-out scenes."""
+    return TINY_PROMPTS if is_tiny(model) else "coco"
+
+
 def resolve_prompts(source: str, n: int, coco_captions: str | None = None) -> list[str]:
-    """n prompts from coco, builtin or a file (a file with fewer prompts is an error, not a silent cut)."""
+    """n prompts from coco, tiny, builtin or a file (a file with fewer prompts is an error, not a silent cut)."""
     if source == "coco":
         return coco_prompts(coco_captions, n)
+    if source == TINY_PROMPTS:
+        from clear_cli.tiny.scenes import held_out_prompts
+
+        return held_out_prompts(n)
     from clear_cli.data.prompts import load_prompts
 
     prompts = load_prompts(source, n=n)
@@ -130,18 +143,6 @@ def _slug(name: str) -> str:
 
 def image_name(i: int) -> str:
     return f"{i:05d}.png"
-
-
-def save_png_atomic(image, path: Path) -> None:
-    """PIL image -> PNG at `path` via a temp name in the same folder (a crash never leaves half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _check_record(path: Path, expected: dict[str, Any], what: str, overwrite: bool) -> None:
@@ -207,7 +208,7 @@ class Student:
 def load_students(files: Sequence[str | os.PathLike], pipe, window: int | None, backend: str,
                   model: str, warn: Log) -> list[Student]:
     """Read every student file and check it fits the model before anything is drawn."""
-    from clear_cli import linearize, unlinearize
+    from clear_cli.attention.linearize import linearize, unlinearize
     from clear_cli.models.weights import load_attention_weights, materialize, resolve_geometry
 
     if not files:
@@ -251,7 +252,7 @@ class _Swap:
         self.previous: dict | None = None
 
     def __enter__(self):
-        from clear_cli import linearize
+        from clear_cli.attention.linearize import linearize
         from clear_cli.models.weights import load_tensors, materialize
 
         tr = self.pipe.transformer
@@ -260,7 +261,7 @@ class _Swap:
         return self
 
     def __exit__(self, *exc):
-        from clear_cli import unlinearize
+        from clear_cli.attention.linearize import unlinearize
         from clear_cli.models.weights import load_tensors
 
         tr = self.pipe.transformer
@@ -278,6 +279,8 @@ def _draw(pipe, prompts: list[str], indices: list[int], folder: Path, *, width: 
     import torch
     from tqdm.auto import tqdm
 
+    from clear_cli.sampling.seeds import draw
+
     todo = [i for i in indices if overwrite or not (folder / image_name(i)).is_file()]
     times: dict[int, float] = {}
     if not todo:
@@ -285,18 +288,17 @@ def _draw(pipe, prompts: list[str], indices: list[int], folder: Path, *, width: 
     dev = pipe._execution_device
     folder.mkdir(parents=True, exist_ok=True)
     for j, i in enumerate(tqdm(todo, desc=label, disable=not progress, unit="img", dynamic_ncols=True)):
-        gen = torch.Generator("cpu").manual_seed(seed + i)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        image = pipe(prompts[i], height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
-                     generator=gen).images[0]
+        image = draw(pipe, [i], seed, prompts=prompts, height=height, width=width, num_inference_steps=steps,
+                     guidance_scale=guidance)[0]
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         dt = time.perf_counter() - t0
         if j > 0 or len(todo) == 1:  # the first draw warms up kernels and caches: not a fair time
             times[i] = dt
-        save_png_atomic(image, folder / image_name(i))
+        save_png(image, folder / image_name(i))
     return times
 
 
@@ -409,10 +411,12 @@ def evaluate(students: str | Sequence[str | os.PathLike], config: EvalConfig | N
         cfg = dataclasses.replace(config or EvalConfig(), **options)
     except TypeError as e:
         raise UsageError(f"evaluate(): {e}") from None
-    say: Log = log or (lambda _m: None)
+    say = sayer(log)
 
     warn = warner(log)
 
+    if cfg.prompts is None:
+        cfg = dataclasses.replace(cfg, prompts=default_prompts(cfg.model))
     _validate(cfg)
     from clear_cli.metrics import parse_metrics
 
@@ -421,11 +425,11 @@ def evaluate(students: str | Sequence[str | os.PathLike], config: EvalConfig | N
     for f in files:  # before loading anything heavy
         if ":" not in str(f) and not Path(f).expanduser().is_file():
             raise UsageError(f"student file {f} not found", "pass the .safetensors file that clear distill wrote")
-    from clear_cli.generate import model_defaults, parse_res
+    from clear_cli.resolution import parse_res
 
     defaults = model_defaults(cfg.model)
-    width, height = parse_res(cfg.res, "--res") if cfg.res is not None else (defaults["base_res"],) * 2
-    steps = cfg.steps or defaults["steps"]
+    width, height = parse_res(cfg.res, "--res") if cfg.res is not None else (defaults.base_res,) * 2
+    steps = cfg.steps or defaults.steps
     prompts = resolve_prompts(cfg.prompts, cfg.n, cfg.coco_captions)
     out = Path(cfg.out).expanduser()
 
@@ -513,7 +517,7 @@ def evaluate(students: str | Sequence[str | os.PathLike], config: EvalConfig | N
 
 
 def _finish(result: dict, out: Path, prompts: list[str], say: Log) -> dict:
-    from clear_cli import report
+    from clear_cli.jobs import report
 
     result["report"], result["grid"] = "report.html", "grid.png"
     report.write_grid(result, out, out / "grid.png")
@@ -528,7 +532,7 @@ def _finish(result: dict, out: Path, prompts: list[str], say: Log) -> dict:
 def _evaluate_cascade(cfg: EvalConfig, pipe, studs: list[Student], prompts: list[str], metrics: list[str], nets,
                       state, out: Path, size: tuple[int, int], say: Log, warn: Log, progress: bool) -> dict | None:
     """Per student: the CLEAR cascade vs the same cascade with full attention (same base image and seed)."""
-    from clear_cli.generate import generate, model_defaults
+    from clear_cli.jobs.generate import generate
     from clear_cli.metrics import PSNR_CAP_DB, mean_psnr, pair_metrics
 
     width, height = size
@@ -557,9 +561,8 @@ def _evaluate_cascade(cfg: EvalConfig, pipe, studs: list[Student], prompts: list
                             backend=cfg.backend, progress=False, log=None, device=cfg.device, dtype=cfg.dtype)
             o = outs[0]
             times[i] = o.seconds
-            fs = getattr(o, "full_seconds", None)
-            if fs is not None:
-                full_times[i] = fs
+            if o.full_seconds is not None:
+                full_times[i] = o.full_seconds
             if base is None and o.stages:
                 base = (o.stages[0]["width"], o.stages[0]["height"])
         _record_times(folder, state.process_index, times)
@@ -587,7 +590,7 @@ def _evaluate_cascade(cfg: EvalConfig, pipe, studs: list[Student], prompts: list
                      "full_seconds_per_image": sum(full_t) / len(full_t) if full_t else None})
     result = {
         "schema": SCHEMA, "mode": "cascade", "model": cfg.model, "prompts": cfg.prompts, "n": cfg.n,
-        "width": width, "height": height, "steps": cfg.steps or model_defaults(cfg.model)["steps"], "guidance": cfg.guidance, "seed": cfg.seed,
+        "width": width, "height": height, "steps": cfg.steps or model_defaults(cfg.model).steps, "guidance": cfg.guidance, "seed": cfg.seed,
         "device": str(pipe._execution_device), "dtype": str(pipe.transformer.dtype).replace("torch.", ""),
         "metrics": [m for m in metrics if m in ("ssim", "psnr", "lpips", "speed") and m not in nets.skipped],
         "skipped": dict(nets.skipped), "small_n": False, "psnr_cap_db": PSNR_CAP_DB,
@@ -598,4 +601,3 @@ def _evaluate_cascade(cfg: EvalConfig, pipe, studs: list[Student], prompts: list
     return _finish(result, out, prompts, say)
 
 
-callable_module(__name__, "evaluate")  # clear_cli.evaluate(...) works even after `import clear_cli.evaluate`

@@ -33,9 +33,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from clear_cli._api import callable_module
-from clear_cli.config import apply_overrides, atomic_write_text, to_dict
+from clear_cli.config import apply_overrides, to_dict
 from clear_cli.errors import ClearError, UsageError
+from clear_cli.files import atomic_dir, atomic_write_text, owned_present, remove_owned, save_png, save_safetensors
+from clear_cli.flux import BASE_RES, PIXELS_PER_TOKEN
 from clear_cli.training.recipe import (
     Recipe, problem_text, recipe_data, recipe_hash, recipe_problems, resume_differences,
 )
@@ -213,8 +214,9 @@ def _check_data(recipe: Recipe, problems: list[str]) -> dict:
     if recipe.resolution is not None and (w, h) != (recipe.resolution, recipe.resolution):
         problems.append(f"resolution: {recipe.resolution} but the data was drawn at {w}x{h} (latents are cached "
                         f"at that size: set resolution: {w if w == h else 'null'} or draw the data again)")
-    if w and h and recipe.down_factor > 1 and ((h // 16) % recipe.down_factor or (w // 16) % recipe.down_factor):
-        problems.append(f"down_factor: {recipe.down_factor} does not divide the {h // 16}x{w // 16} token grid of "
+    gh, gw = h // PIXELS_PER_TOKEN, w // PIXELS_PER_TOKEN
+    if w and h and recipe.down_factor > 1 and (gh % recipe.down_factor or gw % recipe.down_factor):
+        problems.append(f"down_factor: {recipe.down_factor} does not divide the {gh}x{gw} token grid of "
                         f"the {w}x{h} data")
     return card
 
@@ -242,7 +244,7 @@ def _check_out(recipe: Recipe, out: Path, resume: str | None, overwrite: bool,
         else:
             notes.append(f"no checkpoint in {out / CHECKPOINTS}: starting from step 0")
     if ckpt is None:
-        taken = out.is_dir() and any((out / name).exists() for name in OWNED)
+        taken = out.is_dir() and bool(owned_present(out, OWNED))
         if taken and not overwrite:
             problems.append(f"--out {out} already holds a distillation run (pass --resume auto to continue it, "
                             "--overwrite to start over, or another --out)")
@@ -457,10 +459,8 @@ class Distiller:
                 if self._is_ours(models[i]):
                     weights.pop(i)
         if self.acc.is_main_process:
-            from safetensors.torch import save_file
-
             state = {k: v.to("cpu").contiguous() for k, v in trainable_state(self.transformer).items()}
-            save_file(state, os.path.join(output_dir, TRAINABLE_FILE))
+            save_safetensors(os.path.join(output_dir, TRAINABLE_FILE), state)
 
     def _load_hook(self, models: list, input_dir: str) -> None:
         for i in reversed(range(len(models))):
@@ -485,12 +485,7 @@ class Distiller:
         """Only now is anything written: the output directory, the resolved recipe, the trimmed log."""
         if self.acc.is_main_process:
             if self.p.overwrite and self.out.is_dir():
-                for name in OWNED:
-                    target = self.out / name
-                    if target.is_dir():
-                        shutil.rmtree(target)
-                    elif target.exists():
-                        target.unlink()
+                remove_owned(self.out, OWNED)
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / RECIPE_FILE, self._recipe_yaml())
             self._trim_log(self.p.start_step)
@@ -561,6 +556,7 @@ class Distiller:
     def validate(self, step: int | None) -> None:
         """Draw the validation prompts with the student (and, with step None, the teacher) on the main process."""
         from clear_cli.attention.linearize import teacher_mode
+        from clear_cli.sampling.seeds import draw
 
         r = self.recipe
         if self.val_embeds is None or not self.acc.is_main_process:
@@ -569,28 +565,20 @@ class Distiller:
         if step is None and folder.is_dir():
             return
         t5, pooled = self.val_embeds
-        res = r.resolution or 1024
+        res = r.resolution or BASE_RES
         images = []
         with torch.no_grad(), self.acc.autocast():
             for i in range(t5.shape[0]):
-                g = torch.Generator("cpu").manual_seed(r.validation.seed + i)
-                kw = dict(prompt_embeds=t5[i:i + 1], pooled_prompt_embeds=pooled[i:i + 1], width=res, height=res,
-                          num_inference_steps=r.validation.steps, guidance_scale=r.validation.guidance,
-                          generator=g, max_sequence_length=t5.shape[1])
+                kw = dict(embeds=(t5, pooled), width=res, height=res, num_inference_steps=r.validation.steps,
+                          guidance_scale=r.validation.guidance)
                 if step is None:
                     with teacher_mode(self.transformer):
-                        images.append(self.pipe(**kw).images[0])
+                        images.append(draw(self.pipe, [i], r.validation.seed, **kw)[0])
                 else:
-                    images.append(self.pipe(**kw).images[0])
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        for i, im in enumerate(images):
-            im.save(tmp / f"{i:02d}.png")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+                    images.append(draw(self.pipe, [i], r.validation.seed, **kw)[0])
+        with atomic_dir(folder) as tmp:
+            for i, im in enumerate(images):
+                save_png(im, tmp / f"{i:02d}.png")
 
     # -- the loop ------------------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
@@ -739,4 +727,3 @@ def distill(recipe: str | Path | Recipe | dict | None = None, *, overrides: list
     return run.run()
 
 
-callable_module(__name__, "distill")  # clear_cli.distill(...) works even after `import clear_cli.distill`

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from clear_cli._api import callable_module
 from clear_cli.comfy.keys import DOUBLE_PROJ, SINGLE_PROJ
 from clear_cli.config import doc
 from clear_cli.errors import ClearError, UsageError
+from clear_cli.flux import DEFAULT_MODEL
 
 __all__ = ["export", "ExportConfig", "ExportResult", "LayerReport", "FORMATS", "DEFAULT_OUT", "choose_rank", "low_rank"]
 
@@ -53,7 +53,7 @@ class ExportConfig:
     rank: int | None = doc(None, f"fixed LoRA rank per layer (clamped to the layer's size); default {DEFAULT_RANK}")
     energy: float | None = doc(None, "instead of --rank: smallest rank keeping this share of squared singular values")
     model: str | None = doc(None, "base model the delta is taken against; default: the weights' base_model metadata, "
-                                  "else black-forest-labs/FLUX.1-dev")
+                                  f"else {DEFAULT_MODEL}")
     out: str | None = doc(None, "output file; default clear_lora.safetensors (lora), clear_attn_full.safetensors "
                                 "(full), clear_lora_comfy.safetensors (comfy)")
     overwrite: bool = doc(False, "replace an existing output file")
@@ -339,7 +339,7 @@ def export(weights: str | os.PathLike, format: str = "lora", *, rank: int | None
     Returns what was written (layers with rank and error, file size); raises ClearError/UsageError on bad input.
     """
     from clear_cli.devices import resolve_device
-    from clear_cli.models import DEFAULT_MODEL, load_pipeline
+    from clear_cli.models import load_pipeline
     from clear_cli.models.weights import (
         load_attention_weights, pool_key, resolve_geometry, save_attention_weights,
     )
@@ -393,4 +393,3 @@ def export(weights: str | os.PathLike, format: str = "lora", *, rank: int | None
                         unchanged=unchanged)
 
 
-callable_module(__name__, "export")  # clear_cli.export(...) works even after `import clear_cli.export`

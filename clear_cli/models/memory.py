@@ -4,7 +4,7 @@ Weights only (activations and optimizer state are the same either way): two copi
 the model plus frozen copies of the image-branch attention projections. Counted exactly from a model, or from a
 config on the meta device (no weights needed):
 
-    python -m clear_cli.training.memory            # FLUX.1-dev and the tiny model
+    python -m clear_cli.models.memory            # FLUX.1-dev and the tiny model
 """
 
 from __future__ import annotations

@@ -16,18 +16,20 @@ from typing import Callable
 
 from clear_cli.attention.counting import attention_flops, count_pairs, full_pairs, image_pairs, paper_pairs
 from clear_cli.config import doc
-
-PIXELS_PER_TOKEN = 16  # FLUX: VAE /8, then 2x2 patches
+from clear_cli.flux import HEAD_DIM, HEADS, PIXELS_PER_TOKEN, TEXT_LEN
+from clear_cli.logs import sayer
+from clear_cli.resolution import token_grid
 
 
 @dataclass
 class AttentionBenchConfig:
-    res: list[str] = doc(["1k", "2k", "4k", "8k"], "Resolutions: 1k, 2k, 4k, 8k, 1024, or WxH in pixels (16 px per token).")
+    res: list[str] = doc(["1k", "2k", "4k", "8k"], "Resolutions: 1k, 2k, 4k, 8k, 1024, or WxH in pixels "
+                                                   f"({PIXELS_PER_TOKEN} px per token).")
     window: int = doc(16, "CLEAR window radius in tokens.")
     down_factor: int = doc(1, "Down-sampling factor of the pooled keys (1 = none).")
-    heads: int = doc(24, "Attention heads (FLUX: 24).")
-    head_dim: int = doc(128, "Head dimension (FLUX: 128).")
-    text_len: int = doc(512, "Text tokens (FLUX.1-dev: 512).")
+    heads: int = doc(HEADS, f"Attention heads (FLUX: {HEADS}).")
+    head_dim: int = doc(HEAD_DIM, f"Head dimension (FLUX: {HEAD_DIM}).")
+    text_len: int = doc(TEXT_LEN, f"Text tokens (FLUX.1-dev: {TEXT_LEN}).")
     batch: int = doc(1, "Batch size.")
     device: str = doc("auto", "auto, cpu, cuda, cuda:N.")
     dtype: str = doc("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")
@@ -37,13 +39,6 @@ class AttentionBenchConfig:
     max_tokens_cuda_full: int = doc(300_000, "Skip full attention beyond this many tokens on CUDA.")
     timing: bool = doc(True, "Measure times (off: work counts only).")
     extra: dict = field(default_factory=dict)
-
-
-def parse_res(text: str) -> tuple[int, int]:
-    """'1k' -> 1024 px square, '1024', '1024x768' (width x height) -> token grid (H, W)."""
-    from clear_cli.resolution import token_grid
-
-    return token_grid(text)
 
 
 def schedule_work(backend: str, grid: tuple[int, int], text_len: int, window: int, down_factor: int = 1,
@@ -91,7 +86,7 @@ def bench_attention(cfg: AttentionBenchConfig, log: Callable[[str], None] | None
     from clear_cli.attention import clear_attention
     from clear_cli.devices import resolve_device, resolve_dtype
 
-    say = log or (lambda s: None)
+    say = sayer(log)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     d_model = cfg.heads * cfg.head_dim
@@ -100,7 +95,7 @@ def bench_attention(cfg: AttentionBenchConfig, log: Callable[[str], None] | None
     backends = list(dict.fromkeys(backends))
     rows = []
     for res in cfg.res:
-        grid = parse_res(res)
+        grid = token_grid(res)
         h, w = grid
         if (h % cfg.down_factor) or (w % cfg.down_factor):
             raise ValueError(f"down_factor {cfg.down_factor} does not divide the {h}x{w} token grid of {res}")

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from clear_cli._api import callable_module
-from clear_cli.config import atomic_write_text, doc
+from clear_cli.config import doc
 from clear_cli.data import layout, store
 from clear_cli.errors import ClearError, UsageError
+from clear_cli.files import atomic_write_text, foreign_entries, temp_path
+from clear_cli.flux import DEFAULT_MODEL
 
-DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
 IMAGE_FORMATS = ("png", "webp")
 _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -211,13 +211,13 @@ def _check_out(plan: _Plan) -> dict | None:
         raise UsageError(f"--out {root} exists and is not a directory", "pick a new directory")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = layout.temp_path(root / ".write-probe")
+        probe = temp_path(root / ".write-probe")
         probe.unlink()
     except OSError as e:
         raise UsageError(f"--out {root}: cannot write there ({e.strerror or e})",
                          "pick a directory you can write to") from None
     if not (root / layout.CARD).is_file():
-        stray = [p.name for p in root.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp"))]
+        stray = foreign_entries(root, ())
         if stray:
             raise UsageError(f"--out {root} is not empty and holds no synth dataset (found {stray[0]})",
                              "pick a new or empty directory; --overwrite never deletes other files")
@@ -618,4 +618,3 @@ def _check_sources(plan: _Plan, card: dict) -> None:
                          "restore the original file(s), or start over with --overwrite")
 
 
-callable_module(__name__, "synth")  # clear_cli.synth(...) works even after `import clear_cli.synth`

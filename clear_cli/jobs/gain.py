@@ -5,8 +5,8 @@ zero-shot CLEAR model (same weights, CLEAR attention) and the distilled student 
 Errors are MSE against the teacher in pixels ([0, 1]) and in the final latents; the gain is
 1 - error(student) / error(zero-shot).
 
-    python -m clear_cli.training.gain --weights out/distill-tiny/clear_attn.safetensors
-    python -m clear_cli.training.gain --bench --out out/gain-tiny     # synth + distill + measure, from scratch
+    python -m clear_cli.jobs.gain --weights out/distill-tiny/clear_attn.safetensors
+    python -m clear_cli.jobs.gain --bench --out out/gain-tiny     # synth + distill + measure, from scratch
 """
 
 from __future__ import annotations
@@ -20,34 +20,25 @@ from pathlib import Path
 
 import torch
 
-HELD_OUT_SEED = 1_000_000  # tiny captions from scene seeds >= this are never in recipes/tiny_prompts.txt (0..511)
-
-
-def held_out_prompts(n: int) -> list[str]:
-    """Captions of tiny scenes the tiny recipe's data never saw."""
-    from clear_cli.tiny.scenes import caption, sample_scene
-
-    return [caption(sample_scene(HELD_OUT_SEED + i)) for i in range(n)]
-
-
 def _draw(pipe, embeds, res: int, steps: int, guidance: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(images [N,3,H,W] in [0,1], packed final latents) for every prompt, prompt i with seed + i."""
-    t5, pooled = embeds
+    from clear_cli.sampling.seeds import draw
+
     imgs, lats = [], []
-    for i in range(t5.shape[0]):
-        kw = dict(prompt_embeds=t5[i:i + 1], pooled_prompt_embeds=pooled[i:i + 1], width=res, height=res,
-                  num_inference_steps=steps, guidance_scale=guidance, max_sequence_length=t5.shape[1])
-        lat = pipe(**kw, generator=torch.Generator("cpu").manual_seed(seed + i), output_type="latent").images
-        img = pipe(**kw, generator=torch.Generator("cpu").manual_seed(seed + i), output_type="pt").images
+    for i in range(embeds[0].shape[0]):
+        kw = dict(embeds=embeds, width=res, height=res, num_inference_steps=steps, guidance_scale=guidance)
+        lat = draw(pipe, [i], seed, output_type="latent", **kw)
+        img = draw(pipe, [i], seed, output_type="pt", **kw)
         lats.append(lat.float().cpu())
         imgs.append(img.float().clamp(0, 1).cpu())
     return torch.cat(imgs), torch.cat(lats)
 
 
 def _errors(x: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    from clear_cli.metrics.pixel import mean_psnr, psnr
+
     mse = ((x - ref) ** 2).flatten(1).mean(1)
-    psnr = (10 * torch.log10(1.0 / mse.clamp_min(1e-12))).mean()
-    return {"mse": float(mse.mean()), "psnr_db": float(psnr)}
+    return {"mse": float(mse.mean()), "psnr_db": mean_psnr(psnr(x, ref))[0]}
 
 
 def distill_gain(weights: str | Path, *, model: str | None = None, prompts: list[str] | None = None, n: int = 16,
@@ -65,7 +56,11 @@ def distill_gain(weights: str | Path, *, model: str | None = None, prompts: list
     r = int(window or w.window)
     f = int(w.down_factor or 1)
     res = int(res or json.loads(w.metadata.get("resolution", "null") or "null") or 128)
-    prompts = list(prompts) if prompts is not None else held_out_prompts(n)
+    if prompts is None:
+        from clear_cli.tiny.scenes import held_out_prompts
+
+        prompts = held_out_prompts(n)
+    prompts = list(prompts)
     pipe = load_pipeline(model)
     with torch.no_grad():
         t5, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=pipe.device,
@@ -104,31 +99,38 @@ def describe(g: dict) -> str:
 
 def bench(out: Path, *, model: str = "tiny", n_data: int = 256, sets: list[str] | None = None,
           n_eval: int = 16) -> dict:
-    """From scratch: the teacher draws the tiny recipe's data, `clear distill recipes/tiny.yaml` runs, then the gain."""
-    from clear_cli.cli.app import run
+    """From scratch: the teacher draws the tiny recipe's data, recipes/tiny.yaml is distilled, then the gain.
+
+    Through the Python API of `clear synth` and `clear distill` (the same calls as the commands in `g["commands"]`).
+    """
+    from clear_cli.jobs.distill import distill
+    from clear_cli.jobs.synth import synth
 
     root = Path(__file__).resolve().parents[2]
     data, run_dir = out / "synth", out / "distill"
-    synth_cmd = ["synth", "--model", model, "--prompts", str(root / "recipes" / "tiny_prompts.txt"), "--n",
-                 str(n_data), "--res", "128", "--steps", "12", "--out", str(data), "--device", "cpu"]
-    distill_cmd = ["distill", str(root / "recipes" / "tiny.yaml"), "--set", f"data={data}", "--set",
-                   f"model={model}", *sum((["--set", s] for s in sets or []), []), "--out", str(run_dir),
-                   "--overwrite", "--device", "cpu"]
+    recipe = root / "recipes" / "tiny.yaml"
+    overrides = [f"data={data}", f"model={model}", *(sets or [])]
+    synth_opts = dict(model=model, prompts=str(root / "recipes" / "tiny_prompts.txt"), n=n_data, res="128", steps=12,
+                      out=str(data), device="cpu")
     times = {}
-    for name, cmd in (("synth", synth_cmd), ("distill", distill_cmd)):
-        t = time.perf_counter()
-        code = run(cmd)
-        times[name] = round(time.perf_counter() - t, 1)
-        if code != 0:
-            raise SystemExit(f"`clear {' '.join(cmd)}` failed with exit code {code}")
+    t = time.perf_counter()
+    synth(**synth_opts)
+    times["synth"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    distill(str(recipe), overrides=overrides, out=str(run_dir), overwrite=True, device="cpu")
+    times["distill"] = round(time.perf_counter() - t, 1)
     g = distill_gain(run_dir / "clear_attn.safetensors", n=n_eval)
-    g["commands"] = ["clear " + shlex.join(c) for c in (synth_cmd, distill_cmd)]
+    g["commands"] = [
+        "clear synth " + shlex.join(a for k, v in synth_opts.items() for a in (f"--{k.replace('_', '-')}", str(v))),
+        "clear distill " + shlex.join([str(recipe), *(a for o in overrides for a in ("--set", o)), "--out",
+                                       str(run_dir), "--overwrite", "--device", "cpu"]),
+    ]
     g["wall_seconds"] = times
     return g
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m clear_cli.training.gain", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m clear_cli.jobs.gain", description=__doc__.split("\n\n")[0])
     ap.add_argument("--weights", help="a clear_attn.safetensors from `clear distill`")
     ap.add_argument("--bench", action="store_true", help="synth + distill (recipes/tiny.yaml) + measure")
     ap.add_argument("--out", default="out/gain-tiny", help="--bench: working directory")
@@ -145,11 +147,11 @@ def main(argv: list[str] | None = None) -> None:
         g = distill_gain(args.weights, model=args.model, n=args.n, steps=args.steps)
     else:
         ap.error("pass --weights FILE or --bench")
-    g["command"] = "python -m clear_cli.training.gain " + shlex.join(sys.argv[1:] if argv is None else argv)
+    g["command"] = "python -m clear_cli.jobs.gain " + shlex.join(sys.argv[1:] if argv is None else argv)
     print(describe(g))
     path = Path(args.json) if args.json else (Path(args.out) / "gain.json" if args.bench else None)
     if path is not None:
-        from clear_cli.config import atomic_write_text
+        from clear_cli.files import atomic_write_text
 
         atomic_write_text(path, json.dumps(g, indent=2) + "\n")
         print(f"figures: {path}")

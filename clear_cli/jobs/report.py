@@ -1,4 +1,6 @@
-"""What `clear eval` shows: a terminal table (rich), an HTML report and a PNG grid, all from the result dict.
+"""What `clear eval` writes: an HTML report and a PNG grid, and the summary table's rows, all from the result dict.
+
+The terminal table (rich) is drawn by the CLI (clear_cli/cli/eval.py) from `table_rows`.
 
 The HTML report sits in the eval folder and links the cached images by relative path, so the folder can be moved
 or served as it is. It shows the first `MAX_ROWS` prompts: teacher | student | difference (x4) per student
@@ -12,6 +14,8 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+
+from clear_cli.files import atomic_write_text, save_png
 
 MAX_ROWS = 64
 GRID_ROWS = 8
@@ -71,27 +75,6 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def print_table(result: dict, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    header, rows = table_rows(result)
-    title = (f"clear eval: {result['model']}, {result['width']}x{result['height']}, n={result['n']}, "
-             f"{result['steps']} steps, seed {result['seed']}")
-    table = Table(title=title)
-    for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i == 0 else "right")
-    for r in rows:
-        table.add_row(*r)
-    if console is None:
-        console = Console()
-        if not console.is_terminal:  # piped / captured: do not wrap metric names at 80 columns
-            console = Console(width=max(console.width, 40 + 22 * len(header)))
-    console.print(table)
-    for m, why in result.get("skipped", {}).items():
-        console.print(f"skipped {m}: {why}", markup=False, highlight=False)
-
-
 def _pairs(result: dict) -> list[tuple[str, str, str]]:
     """(name, reference folder, compared folder) per column group, plus the file-name patterns."""
     if result.get("mode") == "cascade":
@@ -118,8 +101,6 @@ def diff_image(a, b):
 def _write_diffs(result: dict, out: Path, n: int) -> dict[tuple[str, int], Path]:
     from PIL import Image
 
-    from clear_cli.evaluate import save_png_atomic
-
     diffs = {}
     for name, ref, cmp_ in _pairs(result):
         for i in range(n):
@@ -129,18 +110,14 @@ def _write_diffs(result: dict, out: Path, n: int) -> dict[tuple[str, int], Path]
             target = out / f"diff_{name}" / f"{i:05d}.png"
             if not target.is_file() or target.stat().st_mtime < max(a.stat().st_mtime, b.stat().st_mtime):
                 with Image.open(a) as ia, Image.open(b) as ib:
-                    save_png_atomic(diff_image(ia, ib), target)
+                    save_png(diff_image(ia, ib), target)
             diffs[(name, i)] = target
     return diffs
 
 
 def write_grid(result: dict, out: Path, path: Path, rows: int = GRID_ROWS, cell: int = 192) -> Path:
     """PNG grid: one row per prompt (first `rows`), columns reference | each student | its difference."""
-    from PIL import Image
-
-    from clear_cli.evaluate import save_png_atomic
-
-    from PIL import ImageDraw
+    from PIL import Image, ImageDraw
 
     n = min(rows, result["n"])
     pairs = _pairs(result)
@@ -164,14 +141,12 @@ def write_grid(result: dict, out: Path, path: Path, rows: int = GRID_ROWS, cell:
                     grid.paste(ia.resize((cell, cell)), (0, top + i * cell))
                 grid.paste(ib.resize((cell, cell)), ((1 + 2 * j) * cell, top + i * cell))
                 grid.paste(diff_image(ia, ib).resize((cell, cell)), ((2 + 2 * j) * cell, top + i * cell))
-    save_png_atomic(grid, path)
+    save_png(grid, path)
     return path
 
 
 def write_html(result: dict, out: Path, prompts: list[str], path: Path, max_rows: int = MAX_ROWS) -> Path:
     """A self-contained HTML page (images by relative path): summary table, then one row per prompt."""
-    from clear_cli.config import atomic_write_text
-
     n = min(max_rows, result["n"])
     diffs = _write_diffs(result, out, n)
     header, rows = table_rows(result)
