@@ -15,7 +15,9 @@ into the same graph without breaks: its block plans and masks are built outside 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -107,26 +109,27 @@ def _gate(block: nn.Module, compiled: Callable, state: CompileState, errors: tup
                     raise ClearError(f"torch.compile of the {type(block).__name__} blocks failed ({msg})",
                                      "run with --compile off") from e
                 state.failed, state.active = msg, False
-                say(f"warning: torch.compile failed ({msg}); the blocks run eager (--compile off hides this)")
+                say(f"torch.compile failed ({msg}); the blocks run eager (--compile off hides this)")
         return block._call_impl(*args, **kwargs)
 
     return call
 
 
 def compile_transformer(model, mode: str = "auto", *, backend: str = "inductor", fullgraph: bool = True,
-                        min_tokens: int | None = None, log: Callable[[str], None] | None = None
+                        min_tokens: int | None = None, warn: Callable[[str], None] | None = None
                         ) -> CompileState | None:
     """Apply `--compile` to a FluxPipeline or FLUX transformer; return the installed state (None: nothing compiled).
 
     Idempotent: a later call replaces the previous one (`off` removes it). `min_tokens` overrides auto's threshold;
-    `backend` / `fullgraph` go to torch.compile (tests use "eager" / "aot_eager" to check tracing alone).
+    `backend` / `fullgraph` go to torch.compile (tests use "eager" / "aot_eager" to check tracing alone); `warn`
+    receives the one line said when compiling fails under auto (default: `warnings.warn`).
     """
     mode = check_compile(mode)
     tr = _transformer(model)
     uncompile_transformer(tr)
     if mode == "off" or (mode == "auto" and _device_type(tr) != "cuda"):
         return None
-    say = log or (lambda msg: warnings.warn(msg.removeprefix("warning: "), stacklevel=3))
+    say = warn or (lambda msg: warnings.warn(msg, stacklevel=3))
     _raise_recompile_limit(RECOMPILE_LIMIT)
     # dynamic=False: one graph per shape; a plan baked into the graph as a constant must not serve another shape
     tr.compile_repeated_blocks(fullgraph=fullgraph, dynamic=False, backend=backend)
@@ -140,6 +143,27 @@ def compile_transformer(model, mode: str = "auto", *, backend: str = "inductor",
     state.hook = tr.register_forward_pre_hook(_tokens_pre_hook, with_kwargs=True)
     setattr(tr, STATE_ATTR, state)
     return state
+
+
+@contextlib.contextmanager
+def compiled(model, mode: str = "auto", *, warn: Callable[[str], None] | None = None
+             ) -> Iterator[CompileState | None]:
+    """`compile_transformer` for the duration of a job; the model leaves as it came (a caller's own compile
+    state, with the same mode, is kept as is)."""
+    tr = _transformer(model)
+    mode = check_compile(mode)
+    prev: CompileState | None = getattr(tr, STATE_ATTR, None)
+    if prev is not None and prev.mode == mode:
+        yield prev
+        return
+    state = compile_transformer(tr, mode, warn=warn)
+    try:
+        yield state
+    finally:
+        if prev is None:
+            uncompile_transformer(tr)
+        else:
+            compile_transformer(tr, prev.mode, min_tokens=prev.min_tokens, warn=warn)
 
 
 def uncompile_transformer(model) -> None:

@@ -131,16 +131,33 @@ def test_compile_failure_falls_back_under_auto_and_fails_under_on(transformer, m
     want = _eager(tr, x)
     monkeypatch.setattr(comp, "_device_type", lambda tr: "cuda")
     said: list[str] = []
-    state = comp.compile_transformer(tr, "auto", backend=_failing_backend, min_tokens=1, log=said.append)
+    state = comp.compile_transformer(tr, "auto", backend=_failing_backend, min_tokens=1, warn=said.append)
     torch.testing.assert_close(_eager(tr, x), want, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(_eager(tr, x), want, atol=1e-6, rtol=1e-6)
-    assert state.failed and len(said) == 1 and said[0].startswith("warning: torch.compile failed")
+    assert state.failed and len(said) == 1 and said[0].startswith("torch.compile failed")
     assert state.calls["eager"] >= 1
     dynamo.reset()
     comp.compile_transformer(tr, "on", backend=_failing_backend)
     with pytest.raises(ClearError, match="torch.compile of the .* blocks failed") as e:
         _eager(tr, x)
     assert "--compile off" in e.value.hint
+
+
+def test_compiled_context_leaves_the_model_as_it_came(transformer):
+    tr = transformer
+    with comp.compiled(tr, "on") as state:
+        assert getattr(tr, comp.STATE_ATTR) is state
+        with comp.compiled(tr, "on") as inner:          # a job inside a job (eval -> gen): kept as is
+            assert inner is state
+        assert getattr(tr, comp.STATE_ATTR) is state
+        with comp.compiled(tr, "off") as off:
+            assert off is None and not hasattr(tr, comp.STATE_ATTR)
+        assert getattr(tr, comp.STATE_ATTR).mode == "on"   # the outer mode is back
+    assert not hasattr(tr, comp.STATE_ATTR)
+    assert all(b._compiled_call_impl is None for b in state.blocks)
+    with pytest.raises(UsageError):
+        with comp.compiled(tr, "sometimes"):
+            pass
 
 
 @pytest.mark.slow
