@@ -146,9 +146,19 @@ def tile_plan(grid: tuple[int, int], text_len: int, window: int, down_factor: in
 
 
 # Under torch.compile the plan, the tile choice and the masks are graph constants, built eagerly at trace time.
-_traced_choose_tile = outside_graph(lambda *a: choose_tile(*a))
-_traced_plan = outside_graph(lambda *a: _plan_fields(tile_plan(*a)))
-_traced_mask = outside_graph(lambda args, c0, c1, dtype: tile_plan(*args).build_mask(c0, c1, dtype))
+@outside_graph
+def _traced_choose_tile(*args):
+    return choose_tile(*args)
+
+
+@outside_graph
+def _traced_plan(*args):
+    return _plan_fields(tile_plan(*args))
+
+
+@outside_graph
+def _traced_mask(args, c0, c1, dtype):
+    return tile_plan(*args).build_mask(c0, c1, dtype)
 
 
 def _plan_fields(plan: TilePlan) -> tuple:

@@ -12,11 +12,14 @@ that would break it. `outside_graph(builder)` marks a builder whose arguments ar
 
 Results may be tensors, tuples of tensors and Python values, or plain objects holding them, but not objects that
 dynamo must inspect as such (a `BlockMask` is rebuilt in the graph from its tensors: see `flex`). Builders must
-not mutate anything the graph reads later.
+not mutate anything the graph reads later. The result travels boxed in a tuple: dynamo names a bare tensor
+constant after the function, so two calls in one graph (a tiled kernel's chunks, or a whole-model compile with 57
+attention calls) would collide; a tuple gets a fresh name per call.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, TypeVar
 
 import torch
@@ -26,7 +29,17 @@ F = TypeVar("F", bound=Callable)
 
 def outside_graph(builder: F) -> F:
     """Mark `builder` (a function of hashable Python arguments) as run eagerly even while dynamo traces."""
-    return torch.compiler.assume_constant_result(builder)
+    @functools.wraps(builder)
+    def boxed(*args, **kwargs):
+        return (builder(*args, **kwargs),)
+
+    constant = torch.compiler.assume_constant_result(boxed)
+
+    @functools.wraps(builder)
+    def call(*args, **kwargs):
+        return constant(*args, **kwargs)[0]
+
+    return call  # type: ignore[return-value]
 
 
 def compiling() -> bool:

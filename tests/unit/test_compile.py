@@ -175,3 +175,23 @@ def test_inductor_cpu_step_matches_eager(transformer):
     assert _graph_breaks() == 0
     torch.testing.assert_close(got1, want1, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got2, want2, atol=1e-4, rtol=1e-4)
+
+
+def test_whole_model_compile_and_chunked_tiles_trace(transformer, monkeypatch):
+    """Several attention calls in one graph (the whole forward compiled at once, four calls of one geometry) and a
+    tiled kernel cut into many chunks (one mask constant each) trace too: constants never collide."""
+    from clear_cli.attention import tiled
+
+    tr = transformer
+    monkeypatch.setattr(tiled, "CHUNK_BYTES", 1)   # one tile per chunk
+    clear_cli.linearize(tr, window=2)
+    x = inputs(1, (5, 6), 5)
+    want = _eager(tr, x)
+    counters.clear()
+    forward = tr.forward
+    tr.forward = torch.compile(forward, fullgraph=True, backend="aot_eager")   # the pre-hook stays eager
+    try:
+        torch.testing.assert_close(_eager(tr, x), want, atol=1e-5, rtol=1e-5)
+    finally:
+        tr.forward = forward
+    assert _graph_breaks() == 0 and counters["stats"]["unique_graphs"] == 1
