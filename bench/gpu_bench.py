@@ -297,6 +297,9 @@ def attention_case(b: Bench, res: str, r: int, f: int, direction: str) -> None:
 
         def call(fn=fn):
             if bwd:
+                for x in (q, k, v, dw):
+                    if x is not None:
+                        x.grad = None   # fresh gradients each call: no accumulation pass in the timing
                 fn(q, k, v, dw).backward(gout)
             else:
                 with torch.no_grad():
@@ -459,7 +462,7 @@ def step_case(b: Bench, res: str, window: int, variants: tuple[str, ...]) -> Non
             if _graphs() != graphs:
                 vr["note"] = "compiled during the timed steps (the warm-up missed a graph)"
             if variant.startswith("clear"):
-                vr["auto_kernel"] = auto_kernel(b)
+                vr["auto_kernel"] = auto_kernel(b, rec["tokens"], window)
             rec[variant] = vr
             attention = variant.split("_")[0]
             if not compiled:
@@ -486,16 +489,17 @@ def step_case(b: Bench, res: str, window: int, variants: tuple[str, ...]) -> Non
                 pass
 
 
-def auto_kernel(b: Bench) -> str:
-    """Which kernel `auto` runs for a FLUX-size call on this device (the dispatcher's choice)."""
+def auto_kernel(b: Bench, tokens: int | None = None, window: int = 16) -> str:
+    """Which kernel `auto` runs for a FLUX-size call of `tokens` on this device (the dispatcher's choice)."""
     try:
         from clear_cli.attention.kernels import select_backend
 
-        x = torch.zeros(1, 1, 1, 8, device=b.device, dtype=b.dtype)
+        n = tokens or b.dims["text_len"] + b.res["8k"] ** 2
+        x = torch.zeros(1, device=b.device, dtype=b.dtype).expand(1, b.dims["heads"], n, b.dims["head_dim"])
         name = select_backend(x, x, x, None, "auto")
         if name == "flex":
             from clear_cli.attention.flex import choose_layout
-            name += f":{choose_layout(16, b.device).name}"
+            name += f":{choose_layout(window, b.device).name}"
         return name
     except Exception as e:  # the dispatcher's signature may change; the figure stays
         return f"unknown ({type(e).__name__})"

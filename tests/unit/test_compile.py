@@ -226,3 +226,27 @@ def test_training_step_compiled_matches_eager(transformer):
     assert _graph_breaks() == 0 and set(got) == set(want)
     for n in want:
         torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["flex", "auto"])
+def test_cuda_compiled_step_matches_eager(backend):
+    """On CUDA the compiled blocks run the GPU kernel inside the graph (inductor), fp32, no recompile."""
+    from clear_cli.models import load_pipeline
+
+    dynamo.reset()
+    tr = load_pipeline("tiny-random").transformer.to("cuda")
+    clear_cli.linearize(tr, window=3, down_factor=2, backend=backend)
+    x1, x2 = ({k: v.to("cuda") for k, v in inputs(2, (16, 24), 7, seed=s).items()} for s in (1, 2))
+    want1, want2 = _eager(tr, x1), _eager(tr, x2)
+    counters.clear()
+    comp.compile_transformer(tr, "on")
+    got1 = _eager(tr, x1)
+    with dynamo.config.patch(error_on_recompile=True):
+        got2 = _eager(tr, x2)
+    assert _graph_breaks() == 0
+    torch.testing.assert_close(got1, want1, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got2, want2, atol=1e-4, rtol=1e-4)
+    comp.uncompile_transformer(tr)
+    dynamo.reset()
