@@ -723,7 +723,9 @@ def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, p
     from clear_cli.models.compile import compiled, describe
 
     try:
-        with compiled(pipe, cfg.compile, warn=warn) as compile_state:
+        # patch parallelism exchanges halos inside attention: compiled only on request
+        mode = "off" if cfg.parallel == "patch" and cfg.compile == "auto" else cfg.compile
+        with compiled(pipe, mode, warn=warn) as compile_state:
             if compile_state is not None:
                 say(describe(compile_state))
             if par is None:
