@@ -6,6 +6,12 @@ It is an nn.Module so that the pooling weights (down_factor f > 1) are parameter
 key, `...attn.processor.spatial_weight` [1,1,1,f,1,f,1]. With `keep_teacher`, it also holds frozen copies of the
 original image-branch projections (non-persistent buffers) and, in a teacher pass, computes the original model
 with them: F.linear on the frozen weights and full attention, never an in-place swap of `.data` (DESIGN.md §4).
+
+Under torch.compile (`clear_cli.models.compile`, fullgraph) the processor traces into its block's graph without
+breaks: it branches only on Python values that dynamo guards (the call's grid and mode, the settings, shapes), and
+the kernels' plans and masks enter the graph as constants built outside it (`clear_cli.attention.tracing`).
+The same code path runs eager and compiled; on CPU under compile the tiled kernel's differentiable path runs
+(the band path keeps scratch buffers between calls).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from clear_cli.attention.geometry import default_scale, pool_tokens, pool_weight, tile_key_offsets, tile_order
+from clear_cli.attention.tracing import compiling, outside_graph
 
 # Bytes of one chunk's gathered keys (or border masks). Kept well under glibc's largest mmap threshold (32 MiB) so
 # the per-chunk buffers are recycled from the heap: fresh mmap'd buffers page-fault and were ~8x slower to fill.
@@ -144,13 +145,35 @@ def tile_plan(grid: tuple[int, int], text_len: int, window: int, down_factor: in
                     valid[:n_border].contiguous(), pad_query[:n_border].contiguous(), t, p)
 
 
+# Under torch.compile the plan, the tile choice and the masks are graph constants, built eagerly at trace time.
+@outside_graph
+def _traced_choose_tile(*args):
+    return choose_tile(*args)
+
+
+@outside_graph
+def _traced_plan(*args):
+    return _plan_fields(tile_plan(*args))
+
+
+@outside_graph
+def _traced_mask(args, c0, c1, dtype):
+    return tile_plan(*args).build_mask(c0, c1, dtype)
+
+
+def _plan_fields(plan: TilePlan) -> tuple:
+    return (plan.keys_per_tile, plan.n_border, plan.n_tiles, plan.key_index, plan.slot_to_token, plan.out_rows)
+
+
 def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, text_len: int, grid: tuple[int, int],
                     window: int, down_factor: int = 1, down_weight: torch.Tensor | None = None,
                     scale: float | None = None, tile: tuple[int, int] | None = None) -> torch.Tensor:
     """CLEAR attention by query tiles. On CPU without autograd (inference) and with no explicit `tile`, the
-    forward-only band path (`cpu_bands`) runs instead: same result, 1.4-1.9x faster; training keeps this path."""
+    forward-only band path (`cpu_bands`) runs instead: same result, 1.4-1.9x faster; training keeps this path, and
+    so does torch.compile (the band path reuses scratch buffers between calls)."""
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, down_weight))
-    if tile is None and q.device.type == "cpu" and not needs_grad:
+    traced = compiling()
+    if tile is None and q.device.type == "cpu" and not needs_grad and not traced:
         from clear_cli.attention.cpu_bands import band_attention
         return band_attention(q, k, v, text_len=text_len, grid=grid, window=window, down_factor=down_factor,
                               down_weight=down_weight, scale=scale)
@@ -160,8 +183,12 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, text_l
     h, w = grid
     sc = default_scale(d, scale)
     n_pooled = (h // f) * (w // f) if f > 1 else 0
-    tile = tuple(tile) if tile is not None else choose_tile(grid, window, d, n_pooled, t)
-    plan = tile_plan((h, w), t, window, f, tile, q.device)
+    choose = _traced_choose_tile if traced else choose_tile
+    tile = tuple(tile) if tile is not None else choose((h, w), window, d, n_pooled, t)
+    args = ((h, w), t, window, f, tile, q.device)
+    plan = None if traced else tile_plan(*args)
+    n_keys, n_border, n_tiles, key_index, slot_to_token, out_rows = (
+        _traced_plan(*args) if traced else _plan_fields(plan))
     ab = tile[0] * tile[1]
 
     # token-major sources [rows, bh*d]: k/v = [text+image | zero row | pooled], q = [image | zero row]
@@ -182,11 +209,10 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, text_l
         # [nc*length, bh*d] -> [bh, nc, length, d] as a strided view (SDPA takes strides)
         return x.view(nc, length, bh, d).permute(2, 0, 1, 3)
 
-    n_keys = plan.keys_per_tile
     per_tile = n_keys * max(bh * d, ab) * q.element_size()
     chunk = max(1, CHUNK_BYTES // max(per_tile, 1))
     bounds, c0 = [], 0
-    for end in (plan.n_border, plan.n_tiles):   # chunks never mix border and interior tiles
+    for end in (n_border, n_tiles):   # chunks never mix border and interior tiles
         while c0 < end:
             bounds.append((c0, min(end, c0 + chunk)))
             c0 = bounds[-1][1]
@@ -197,11 +223,12 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, text_l
         out[:t].view(t, bsz, nh, d).copy_(o_text.permute(2, 0, 1, 3))
     for c0, c1 in bounds:
         nc = c1 - c0
-        idx = plan.key_index[c0:c1].reshape(-1)
+        idx = key_index[c0:c1].reshape(-1)
         kc = tiles_view(torch.index_select(k_src, 0, idx), nc, n_keys)
         vc = tiles_view(torch.index_select(v_src, 0, idx), nc, n_keys)
-        slots = plan.slot_to_token[c0 * ab:c1 * ab]
+        slots = slot_to_token[c0 * ab:c1 * ab]
         qc = tiles_view(torch.index_select(q_src, 0, slots), nc, ab)
-        oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=plan.build_mask(c0, c1, q.dtype), scale=sc)
-        out.index_copy_(0, plan.out_rows[c0 * ab:c1 * ab], oc.permute(1, 2, 0, 3).reshape(nc * ab, bh * d))
+        mask = _traced_mask(args, c0, c1, q.dtype) if traced else plan.build_mask(c0, c1, q.dtype)
+        oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=sc)
+        out.index_copy_(0, out_rows[c0 * ab:c1 * ab], oc.permute(1, 2, 0, 3).reshape(nc * ab, bh * d))
     return out[:n].view(n, bsz, nh, d).permute(1, 2, 0, 3)

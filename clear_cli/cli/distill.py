@@ -16,6 +16,8 @@ def distill(
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete a previous run in --out and start over."),
     device: str = typer.Option("auto", "--device", metavar="auto|cpu", help="auto (accelerate's choice) or cpu."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar (main process only)."),
+    compile: str = typer.Option(None, "--compile", metavar="auto|on|off", help="torch.compile of the FLUX blocks: "
+                                "auto (CUDA, from 2K up), on or off (default: the recipe's `compile`)."),
 ) -> None:
     """Train the attention projections of a CLEAR-linearized model to match the original (teacher) model.
 
@@ -24,6 +26,10 @@ def distill(
     """
     from clear_cli.jobs.distill import distill as run
 
+    if compile is not None:
+        from clear_cli.models.compile import check_compile
+
+        set_ = [*set_, f"compile={check_compile(compile)}"]
     result = run(recipe, overrides=list(set_), out=out, resume=resume, overwrite=overwrite, device=device,
                  progress=progress)
     from accelerate import PartialState

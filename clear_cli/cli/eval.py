@@ -40,6 +40,8 @@ def eval_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
     backend: str = typer.Option("auto", "--backend", help="CLEAR attention backend: auto, reference, tiled or flex."),
+    compile: str = typer.Option("auto", "--compile", help="torch.compile of the FLUX blocks: auto (CUDA, from 2K "
+                                "up), on or off."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per batch when computing metrics."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redraw every image instead of reusing the cache."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of the table."),
@@ -61,7 +63,7 @@ def eval_cmd(
         seed=seed, out=str(out), metrics=metrics, ref_images=opt(ref_images), inception_weights=opt(inception_weights),
         clip_model=clip_model, dino_model=dino_model, lpips_weights=opt(lpips_weights), window=window,
         cascade=cascade, coco_captions=opt(coco_captions), device=device, dtype=dtype, backend=backend,
-        batch_size=batch_size, overwrite=overwrite, log=log, progress=not quiet,
+        compile=compile, batch_size=batch_size, overwrite=overwrite, log=log, progress=not quiet,
     )
     if result is None:  # a non-main process under accelerate
         return

@@ -57,6 +57,8 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
         backend: str = typer.Option("auto", "--backend", help="CLEAR attention backend: auto, reference, tiled, "
                                     "flex."),
+        compile: str = typer.Option("auto", "--compile", help="torch.compile of the FLUX blocks: auto (CUDA, "
+                                    "from 2K up), on or off."),
         parallel: str = typer.Option("none", "--parallel", help="none; patch: split each image's token rows over "
                                      "the processes of torchrun / accelerate launch (exact, halo exchange); data: "
                                      "split the prompts."),
@@ -73,7 +75,7 @@ def register(app: typer.Typer) -> None:
                         refine_guidance=refine_guidance, seed=seed, num_images=num_images, base_res=base_res,
                         upscale=upscale, strength=strength, ntk_factor=ntk_factor, cascade=cascade, compare=compare,
                         offload=offload, device=device, dtype=dtype, overwrite=overwrite, backend=backend,
-                        parallel=parallel)
+                        compile=compile, parallel=parallel)
 
         def log(msg: str) -> None:
             print(msg, file=sys.stderr if msg.startswith("warning:") else sys.stdout, flush=True)

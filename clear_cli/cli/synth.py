@@ -37,6 +37,8 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Delete the dataset in --out and start over."),
         from_images: Optional[Path] = typer.Option(None, "--from-images", help="Import a folder of captioned "
                                                    "images (NAME.txt/.json beside each, or a metadata.jsonl)."),
+        compile: str = typer.Option("auto", "--compile", help="torch.compile of the FLUX blocks: auto (CUDA, "
+                                    "from 2K up), on or off."),
         verify_dir: Optional[Path] = typer.Option(None, "--verify", help="Check every sample of this dataset."),
         repair: bool = typer.Option(False, "--repair", help="With --verify: redraw the broken samples' batches."),
     ) -> None:
@@ -60,7 +62,7 @@ def register(app: typer.Typer) -> None:
                        guidance=guidance, seed=seed, out=str(out), batch_size=batch_size,
                        cache_embeddings=cache_embeddings, cache_latents=cache_latents, image_format=image_format,
                        device=device, dtype=dtype, overwrite=overwrite,
-                       from_images=str(from_images) if from_images is not None else None)
+                       from_images=str(from_images) if from_images is not None else None, compile=compile)
         if result.is_main:
             for note in result.notes:
                 print(f"note: {note}")

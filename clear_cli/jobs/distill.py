@@ -402,6 +402,9 @@ class Distiller:
             p.data = p.data.float()
         if r.train.gradient_checkpointing:
             tr.enable_gradient_checkpointing()
+        from clear_cli.models.compile import compile_transformer
+
+        compile_transformer(tr, r.compile, warn=self.notes.append)
         self.pipe, self.transformer, self.params = pipe, tr, params
         self.trainable_count = sum(p.numel() for p in params.values())
         self.teacher_bytes = sum(b.numel() * b.element_size() for n, b in tr.named_buffers() if ".teacher_" in n)

@@ -87,6 +87,7 @@ class EvalConfig:
     device: str = doc("auto", "auto, cpu, cuda or cuda:N (under accelerate: each process's own device)")
     dtype: str = doc("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16")
     backend: str = doc("auto", "CLEAR attention backend: auto, reference, tiled or flex")
+    compile: str = doc("auto", "torch.compile of the FLUX blocks: auto (CUDA, from 2K up), on or off")
     batch_size: int = doc(16, "images per batch when computing metrics")
     overwrite: bool = doc(False, "redraw every image (else cached images are reused)")
 
@@ -397,6 +398,9 @@ def _validate(cfg: EvalConfig) -> None:
 
     if cfg.backend not in BACKENDS:
         raise UsageError(f"--backend {cfg.backend!r} is not one of {', '.join(BACKENDS)}")
+    from clear_cli.models.compile import check_compile
+
+    check_compile(cfg.compile)
 
 
 def evaluate(students: str | Sequence[str | os.PathLike], config: EvalConfig | None = None, *,
@@ -456,6 +460,9 @@ def evaluate(students: str | Sequence[str | os.PathLike], config: EvalConfig | N
                              dino_model=cfg.dino_model, lpips_weights=cfg.lpips_weights, warn=warn)
     if pipe is None:
         pipe = load_pipeline(cfg.model, device=str(device), dtype=cfg.dtype)
+    from clear_cli.models.compile import compile_transformer
+
+    compile_transformer(pipe, cfg.compile, warn=warn)  # stays on the pipeline (gen's cascade inside keeps it)
     studs = load_students(files, pipe, cfg.window, cfg.backend, cfg.model, warn)
     if cfg.cascade:
         return _evaluate_cascade(cfg, pipe, studs, prompts, metrics, nets, state, out, (width, height), say, warn,
@@ -558,7 +565,8 @@ def _evaluate_cascade(cfg: EvalConfig, pipe, studs: list[Student], prompts: list
                 continue
             outs = generate(prompts[i], pipe=pipe, model=cfg.model, res=res, weights=str(st.file), window=st.window,
                             steps=cfg.steps, seed=cfg.seed + i, out=str(target), compare=True, overwrite=True,
-                            backend=cfg.backend, progress=False, log=None, device=cfg.device, dtype=cfg.dtype)
+                            backend=cfg.backend, compile=cfg.compile, progress=False, log=None, device=cfg.device,
+                            dtype=cfg.dtype)
             o = outs[0]
             times[i] = o.seconds
             if o.full_seconds is not None:

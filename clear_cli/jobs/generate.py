@@ -71,6 +71,7 @@ class GenConfig:
     dtype: str = doc("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16")
     overwrite: bool = doc(False, "replace existing output files")
     backend: str = doc("auto", "CLEAR attention backend: auto, reference, tiled or flex")
+    compile: str = doc("auto", "torch.compile of the FLUX blocks: auto (CUDA, from 2K up), on or off")
     parallel: str = doc("none", "none, patch (one image's token rows split over processes) or data (prompts split); "
                                 "needs torchrun / accelerate launch")  # parallel (issue 11)
 
@@ -202,6 +203,9 @@ def _validate(cfg: GenConfig) -> None:
 
     if cfg.backend not in BACKENDS:
         raise UsageError(f"--backend {cfg.backend!r} is not one of {', '.join(BACKENDS)}")
+    from clear_cli.models.compile import check_compile
+
+    check_compile(cfg.compile)
 
 
 def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, prompts_file: str | None = None,
@@ -296,13 +300,20 @@ def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, p
         "refine_guidance": cfg.refine_guidance if len(stages) > 1 else None,
         "strength": cfg.strength if len(stages) > 1 else None, "size": f"{w}x{h}", "software": f"clear-dit {__version__}",
     }
-    try:
-        if par is None:
-            results = _run_all(runner, plans, stages, cfg, base_info, target, progress, say)
-        else:  # parallel (issue 11)
-            from clear_cli.parallel.generation import run_images
+    from clear_cli.models.compile import compiled, describe
 
-            results = run_images(par, _run_all, runner, plans, stages, cfg, base_info, target, progress, say)
+    try:
+        # patch parallelism exchanges halos inside attention: compiled only on request
+        mode = "off" if cfg.parallel == "patch" and cfg.compile == "auto" else cfg.compile
+        with compiled(pipe, mode, warn=warn) as compile_state:
+            if compile_state is not None:
+                say(describe(compile_state))
+            if par is None:
+                results = _run_all(runner, plans, stages, cfg, base_info, target, progress, say)
+            else:  # parallel (issue 11)
+                from clear_cli.parallel.generation import run_images
+
+                results = run_images(par, _run_all, runner, plans, stages, cfg, base_info, target, progress, say)
     finally:
         runner.restore()
         if hasattr(pipe, "maybe_free_model_hooks"):

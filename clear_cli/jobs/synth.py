@@ -47,6 +47,7 @@ class SynthConfig:
     dtype: str = doc("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16")
     overwrite: bool = doc(False, "delete an existing dataset in --out and start over")
     from_images: str | None = doc(None, "import this folder of captioned images instead of drawing")
+    compile: str = doc("auto", "torch.compile of the FLUX blocks: auto (CUDA, from 2K up), on or off")
 
     def validate(self) -> list[str]:
         problems = []
@@ -60,6 +61,10 @@ class SynthConfig:
             problems.append(f"--image-format {self.image_format!r}: use png or webp")
         if self.from_images is not None and not (self.cache_embeddings or self.cache_latents):
             problems.append("--from-images with --no-cache-embeddings and --no-cache-latents has nothing to compute")
+        from clear_cli.models.compile import COMPILE_MODES
+
+        if self.compile not in COMPILE_MODES:
+            problems.append(f"--compile {self.compile!r} is not one of {', '.join(COMPILE_MODES)}")
         return problems
 
 
@@ -430,6 +435,9 @@ def _load(cfg: SynthConfig, pipe, device):
 
         pipe = load_pipeline(cfg.model, device=device, dtype=cfg.dtype)
     pipe.set_progress_bar_config(disable=True)  # our bar counts images; the pipeline's would count steps
+    from clear_cli.models.compile import compile_transformer
+
+    compile_transformer(pipe, cfg.compile)
     return pipe
 
 

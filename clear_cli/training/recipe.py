@@ -160,6 +160,8 @@ class Recipe:
     checkpoint: CheckpointConfig = doc(CheckpointConfig(), "checkpoint frequency and retention")
     validation: ValidationConfig = doc(ValidationConfig(), "validation prompts and frequency")
     report_to: Literal["none", "tensorboard", "wandb"] = doc("none", "extra loss logging besides OUT/log.jsonl")
+    compile: Literal["auto", "on", "off"] = doc("auto", "torch.compile of the FLUX blocks: auto (CUDA, from 2K up), "
+                                                "on or off")
 
     def validate(self) -> list[str]:
         bad = []
@@ -181,7 +183,7 @@ class Recipe:
 
 
 # Fields that decide the trained weights; a resumed run must agree on all of them (steps may grow).
-_RESUME_IGNORES = ("out", "checkpoint", "validation", "report_to", "backend")
+_RESUME_IGNORES = ("out", "checkpoint", "validation", "report_to", "backend", "compile")
 
 
 def recipe_hash(recipe: Recipe) -> str:
