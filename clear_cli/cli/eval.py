@@ -35,7 +35,8 @@ def eval_cmd(
                                        "(default ~/.cache/clear/coco/annotations/captions_val2014.json)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
-    backend: str = typer.Option("auto", "--backend", help="CLEAR attention backend: auto, reference, tiled or flex."),
+    backend: str = typer.Option("auto", "--backend", help="CLEAR attention backend: auto, reference, tiled, flex or "
+                                 "triton (CUDA)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per batch when computing metrics."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redraw every image instead of reusing the cache."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of the table."),
