@@ -36,7 +36,8 @@ Interface (what the GPU bench imports, guarded by try/except ImportError):
 
 `sweep` times each candidate (forward, and forward + backward when `backward`) with CUDA events on random inputs,
 records compile failures instead of raising, and with `apply` makes the winner the default for this (window bucket,
-head_dim, dtype, card) in this process. Each result: {"name", "config", "fwd_ms", "fwd_bwd_ms", "error"}.
+head_dim, dtype, card) in this process. Each result: {"index" (into configs), "name", "config" (its tiles, warps
+and stages in words), "fwd_ms", "fwd_bwd_ms" (medians; None if not run), "error" (None, or why it failed)}.
 
 Triton kernels must be defined under `TRITON_INTERPRET=1` to run on the CPU (the tests do it in a subprocess):
 `INTERPRET` records the mode this module was imported in. The interpreter's bf16 dot is wrong
@@ -98,7 +99,8 @@ def _attend(acc, m_i, l_i, q, k, v, mask, qk_scale, MASKED: tl.constexpr, PREC: 
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    # accumulate inside the dot (no second [BM, D] fp32 tile in registers)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
     return acc, m_new, l_i
 
 
@@ -126,7 +128,8 @@ def _fwd_image_kernel(Q, K, V, KP, VP, O, LSE, REL, CNT,
                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, spb, sph, spn, sub, suh, sun, sob, soh, son,
                       rel_stride, NH, T, N, GH, GW, P, R2, qk_scale, QTX, KTX,
                       D: tl.constexpr, BLOCK_D: tl.constexpr, QA: tl.constexpr, QB: tl.constexpr,
-                      KA: tl.constexpr, KB: tl.constexpr, PREC: tl.constexpr):
+                      KA: tl.constexpr, KB: tl.constexpr, PREC: tl.constexpr, HAS_TEXT: tl.constexpr,
+                      HAS_POOL: tl.constexpr):
     BM: tl.constexpr = QA * QB
     BN: tl.constexpr = KA * KB
     pid_t = tl.program_id(0)
@@ -146,8 +149,9 @@ def _fwd_image_kernel(Q, K, V, KP, VP, O, LSE, REL, CNT,
     m_i = tl.full([BM], _NEG, tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BLOCK_D], tl.float32)
-    acc, m_i, l_i = _dense_keys(acc, m_i, l_i, q, kb, vb, skn, svn, 0, T, offs_n, offs_d, qk_scale,
-                                D, BLOCK_D, BN, PREC)
+    if HAS_TEXT:   # compiled out without text (and below without pooled keys): fewer live ranges
+        acc, m_i, l_i = _dense_keys(acc, m_i, l_i, q, kb, vb, skn, svn, 0, T, offs_n, offs_d, qk_scale,
+                                    D, BLOCK_D, BN, PREC)
     n_full = tl.load(CNT + pid_t * 2)
     n_touch = tl.load(CNT + pid_t * 2 + 1)
     rel = REL + pid_t.to(tl.int64) * rel_stride
@@ -171,8 +175,9 @@ def _fwd_image_kernel(Q, K, V, KP, VP, O, LSE, REL, CNT,
         dx = qx[:, None] - kx[None, :]
         inside = (dy * dy + dx * dx < R2) & k_ok[None, :]
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, inside, qk_scale, True, PREC)
-    acc, m_i, l_i = _dense_keys(acc, m_i, l_i, q, KP + b * spb + h * sph, VP + b * sub + h * suh, spn, sun,
-                                0, P, offs_n, offs_d, qk_scale, D, BLOCK_D, BN, PREC)
+    if HAS_POOL:
+        acc, m_i, l_i = _dense_keys(acc, m_i, l_i, q, KP + b * spb + h * sph, VP + b * sub + h * suh, spn, sun,
+                                    0, P, offs_n, offs_d, qk_scale, D, BLOCK_D, BN, PREC)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     _store_rows(O + b * sob + h * soh, q_rows, son, offs_d, q_ok, acc / l_safe[:, None], D)
     tl.store(LSE + pid_bh.to(tl.int64) * N + q_rows, m_i + tl.math.log2(l_safe), mask=q_ok)
@@ -262,7 +267,7 @@ def _dq_step(dq, q, do, k, v, lse, delta, mask, qk_scale, MASKED: tl.constexpr, 
         p = tl.where(mask, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
 
 
 @triton.jit
@@ -289,7 +294,8 @@ def _bwd_dq_image_kernel(Q, K, V, KP, VP, DO, DQ, LSE, DELTA, REL, CNT,
                          sdb, sdh, sdn, sgb, sgh, sgn,
                          rel_stride, NH, T, N, GH, GW, P, R2, qk_scale, sm_scale, QTX, KTX,
                          D: tl.constexpr, BLOCK_D: tl.constexpr, QA: tl.constexpr, QB: tl.constexpr,
-                         KA: tl.constexpr, KB: tl.constexpr, PREC: tl.constexpr):
+                         KA: tl.constexpr, KB: tl.constexpr, PREC: tl.constexpr, HAS_TEXT: tl.constexpr,
+                         HAS_POOL: tl.constexpr):
     BM: tl.constexpr = QA * QB
     BN: tl.constexpr = KA * KB
     pid_t = tl.program_id(0)
@@ -310,8 +316,9 @@ def _bwd_dq_image_kernel(Q, K, V, KP, VP, DO, DQ, LSE, DELTA, REL, CNT,
     kb = K + b * skb + h * skh
     vb = V + b * svb + h * svh
     dq = tl.zeros([BM, BLOCK_D], tl.float32)
-    dq = _dq_dense_keys(dq, q, do, lse, delta, kb, vb, skn, svn, 0, T, offs_n, offs_d, qk_scale,
-                        D, BLOCK_D, BN, PREC)
+    if HAS_TEXT:
+        dq = _dq_dense_keys(dq, q, do, lse, delta, kb, vb, skn, svn, 0, T, offs_n, offs_d, qk_scale,
+                            D, BLOCK_D, BN, PREC)
     n_full = tl.load(CNT + pid_t * 2)
     n_touch = tl.load(CNT + pid_t * 2 + 1)
     rel = REL + pid_t.to(tl.int64) * rel_stride
@@ -335,8 +342,9 @@ def _bwd_dq_image_kernel(Q, K, V, KP, VP, DO, DQ, LSE, DELTA, REL, CNT,
         dx = qx[:, None] - kx[None, :]
         inside = (dy * dy + dx * dx < R2) & k_ok[None, :]
         dq = _dq_step(dq, q, do, k, v, lse, delta, inside, qk_scale, True, PREC)
-    dq = _dq_dense_keys(dq, q, do, lse, delta, KP + b * spb + h * sph, VP + b * sub + h * suh, spn, sun,
-                        0, P, offs_n, offs_d, qk_scale, D, BLOCK_D, BN, PREC)
+    if HAS_POOL:
+        dq = _dq_dense_keys(dq, q, do, lse, delta, KP + b * spb + h * sph, VP + b * sub + h * suh, spn, sun,
+                            0, P, offs_n, offs_d, qk_scale, D, BLOCK_D, BN, PREC)
     _store_rows(DQ + b * sgb + h * sgh, q_rows, sgn, offs_d, q_ok, dq * sm_scale, D)
 
 
@@ -346,10 +354,10 @@ def _dkdv_step(dk, dv, k, v, q, do, lse, delta, mask, qk_scale, MASKED: tl.const
     pt = tl.math.exp2(st - lse[None, :])
     if MASKED:
         pt = tl.where(mask, pt, 0.0)
-    dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
     dst = pt * (dpt - delta[None, :])
-    dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+    dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PREC)
     return dk, dv
 
 
@@ -382,7 +390,7 @@ def _bwd_dkdv_image_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, REL, CNT,
                            sab, sah, san, scb, sch, scn,
                            rel_stride, NH, T, N, GH, GW, R2, qk_scale, sm_scale, KTX, QTX,
                            D: tl.constexpr, BLOCK_D: tl.constexpr, QA: tl.constexpr, QB: tl.constexpr,
-                           KA: tl.constexpr, KB: tl.constexpr, PREC: tl.constexpr):
+                           KA: tl.constexpr, KB: tl.constexpr, PREC: tl.constexpr, HAS_TEXT: tl.constexpr):
     """dk/dv of one image key tile: text queries (all see it) and the query tiles of its relation list."""
     BM: tl.constexpr = QA * QB
     BN: tl.constexpr = KA * KB
@@ -405,8 +413,9 @@ def _bwd_dkdv_image_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, REL, CNT,
     delta_b = DELTA + pid_bh.to(tl.int64) * N
     dk = tl.zeros([BN, BLOCK_D], tl.float32)
     dv = tl.zeros([BN, BLOCK_D], tl.float32)
-    dk, dv = _dkdv_dense_queries(dk, dv, k, v, qb, dob, lse_b, delta_b, sqn, sdn, 0, T, offs_m, offs_d, qk_scale,
-                                 D, BLOCK_D, BM, PREC)
+    if HAS_TEXT:
+        dk, dv = _dkdv_dense_queries(dk, dv, k, v, qb, dob, lse_b, delta_b, sqn, sdn, 0, T, offs_m, offs_d,
+                                     qk_scale, D, BLOCK_D, BM, PREC)
     n_full = tl.load(CNT + pid_t * 2)
     n_touch = tl.load(CNT + pid_t * 2 + 1)
     rel = REL + pid_t.to(tl.int64) * rel_stride
@@ -547,8 +556,10 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 def _target_programs(device: torch.device) -> int:
+    # several programs per SM: chunks finish at different times, so more (smaller) ones leave a shorter tail; the
+    # merge reads and writes only chunks x T x D floats per head
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 8 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
 
 
@@ -586,7 +597,8 @@ def _forward(q, k, v, kp, vp, text_len: int, grid: tuple[int, int], window: int,
         q, k, v, kp, vp, o, lse, rel.index, rel.counts,
         *_strides(q), *_strides(k), *_strides(v), *_strides(kp), *_strides(vp), *_strides(o),
         rel.index.stride(0), nh, t, n, gh, gw, p, window * window, qk_scale, rel.tiles_x, rel.other_x,
-        D=d, BLOCK_D=bd, QA=c.q_tile[0], QB=c.q_tile[1], KA=c.k_tile[0], KB=c.k_tile[1], PREC=prec, **launch)
+        D=d, BLOCK_D=bd, QA=c.q_tile[0], QB=c.q_tile[1], KA=c.k_tile[0], KB=c.k_tile[1], PREC=prec,
+        HAS_TEXT=t > 0, HAS_POOL=p > 0, **launch)
     if t:
         bm, bn = c.block_m, c.block_n
         n_m = -(-t // bm)
@@ -634,12 +646,14 @@ def _backward(do, q, k, v, kp, vp, o, lse, text_len: int, grid: tuple[int, int],
         q, k, v, kp, vp, do, dq, lse, delta, rel.index, rel.counts,
         *_strides(q), *_strides(k), *_strides(v), *_strides(kp), *_strides(vp), *_strides(do), *_strides(dq),
         rel.index.stride(0), nh, t, n, gh, gw, p, window * window, qk_scale, scale, rel.tiles_x, rel.other_x,
-        D=d, BLOCK_D=bd, QA=c.q_tile[0], QB=c.q_tile[1], KA=c.k_tile[0], KB=c.k_tile[1], PREC=prec, **launch)
+        D=d, BLOCK_D=bd, QA=c.q_tile[0], QB=c.q_tile[1], KA=c.k_tile[0], KB=c.k_tile[1], PREC=prec,
+        HAS_TEXT=t > 0, HAS_POOL=p > 0, **launch)
     _bwd_dkdv_image_kernel[(rel_t.n_tiles, bh)](
         q, k, v, do, dk, dv, lse, delta, rel_t.index, rel_t.counts,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
         rel_t.index.stride(0), nh, t, n, gh, gw, window * window, qk_scale, scale, rel_t.tiles_x, rel_t.other_x,
-        D=d, BLOCK_D=bd, QA=c.q_tile[0], QB=c.q_tile[1], KA=c.k_tile[0], KB=c.k_tile[1], PREC=prec, **launch)
+        D=d, BLOCK_D=bd, QA=c.q_tile[0], QB=c.q_tile[1], KA=c.k_tile[0], KB=c.k_tile[1], PREC=prec,
+        HAS_TEXT=t > 0, **launch)
 
     def dense_dkdv(kx, vx, dkx, dvx, nk, q0, q1):
         n_n = -(-nk // bn)
@@ -788,14 +802,17 @@ def sweep(grid: tuple[int, int], text_len: int, window: int, *, down_factor: int
     h, w = grid
     n = text_len + h * w
     gen = torch.Generator(device=dev).manual_seed(0)
-    q, k, v = (torch.randn(batch, heads, n, head_dim, device=dev, dtype=dtype, generator=gen) for _ in range(3))
+    # the processor's layout: [B, heads, N, D] views of [B, N, heads, D] memory
+    q, k, v = (torch.randn(batch, n, heads, head_dim, device=dev, dtype=dtype, generator=gen).transpose(1, 2)
+               for _ in range(3))
     dw = torch.full((down_factor, down_factor), 1.0 / down_factor ** 2, device=dev, dtype=dtype) \
         if down_factor > 1 else None
     do = torch.randn_like(q)
     kw = dict(text_len=text_len, grid=(h, w), window=window, down_factor=down_factor, down_weight=dw)
     results = []
-    for cfg in (configs or CANDIDATES):
-        row = {"name": cfg.name, "config": cfg.describe(), "fwd_ms": None, "fwd_bwd_ms": None, "error": None}
+    for i, cfg in enumerate(configs or CANDIDATES):
+        row = {"index": i, "name": cfg.name, "config": cfg.describe(), "fwd_ms": None, "fwd_bwd_ms": None,
+               "error": None}
         try:
             with torch.no_grad():
                 row["fwd_ms"] = _time_ms(lambda: clear_triton_attention(q, k, v, config=cfg, **kw), repeats)
@@ -814,6 +831,6 @@ def sweep(grid: tuple[int, int], text_len: int, window: int, *, down_factor: int
     metric = "fwd_bwd_ms" if backward else "fwd_ms"
     results.sort(key=lambda r: (r[metric] is None, r[metric] or math.inf))
     if apply and results and results[0][metric] is not None:
-        best = next(c for c in (configs or CANDIDATES) if c.name == results[0]["name"])
+        best = (configs or CANDIDATES)[results[0]["index"]]
         TUNED[config_key(window, head_dim, dtype, torch.cuda.get_device_capability(dev))] = best
     return results
