@@ -56,10 +56,10 @@ import triton
 import triton.language as tl
 
 from clear_cli.attention.geometry import default_scale, pool_tokens, pool_weight
-from clear_cli.attention.triton_plan import (CANDIDATES, SMALL, TUNED, TileConfig, TritonConfig, config_key,
-                                             default_config, tile_relations)
+from clear_cli.attention.triton_plan import (CANDIDATES, SMALL, TUNED, WIDE, TileConfig, TritonConfig,
+                                             config_key, default_config, tile_relations)
 
-__all__ = ["CANDIDATES", "SMALL", "TileConfig", "TritonConfig", "available", "clear_triton_attention",
+__all__ = ["CANDIDATES", "SMALL", "WIDE", "TileConfig", "TritonConfig", "available", "clear_triton_attention",
            "default_config", "sweep", "INTERPRET", "MAX_HEAD_DIM", "DTYPES"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -107,15 +107,10 @@ def _attend(acc, m_i, l_i, q, k, v, mask, qk_scale, MASKED: tl.constexpr, PREC: 
 @triton.jit
 def _dense_keys(acc, m_i, l_i, q, kb, vb, skn, svn, lo, hi, offs_n, offs_d, qk_scale,
                 D: tl.constexpr, BLOCK_D: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-    """Keys rows [lo, hi) of kb/vb in blocks of BN: whole blocks unmasked, the tail masked."""
-    n_full = (hi - lo) // BN
-    for i in range(n_full):
-        rows = lo + i * BN + offs_n
-        k = _load_rows(kb, rows, skn, offs_d, rows < hi, D, BLOCK_D, False)
-        v = _load_rows(vb, rows, svn, offs_d, rows < hi, D, BLOCK_D, False)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k, v, 0, qk_scale, False, PREC)
-    if lo + n_full * BN < hi:
-        rows = lo + n_full * BN + offs_n
+    """Keys rows [lo, hi) of kb/vb in blocks of BN, bounds-masked (one loop: a separate masked tail block
+    measured at many more spilled registers in the compiled kernels)."""
+    for start in range(lo, hi, BN):
+        rows = start + offs_n
         ok = rows < hi
         k = _load_rows(kb, rows, skn, offs_d, ok, D, BLOCK_D, True)
         v = _load_rows(vb, rows, svn, offs_d, ok, D, BLOCK_D, True)
@@ -273,14 +268,8 @@ def _dq_step(dq, q, do, k, v, lse, delta, mask, qk_scale, MASKED: tl.constexpr, 
 @triton.jit
 def _dq_dense_keys(dq, q, do, lse, delta, kb, vb, skn, svn, lo, hi, offs_n, offs_d, qk_scale,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-    n_full = (hi - lo) // BN
-    for i in range(n_full):
-        rows = lo + i * BN + offs_n
-        k = _load_rows(kb, rows, skn, offs_d, rows < hi, D, BLOCK_D, False)
-        v = _load_rows(vb, rows, svn, offs_d, rows < hi, D, BLOCK_D, False)
-        dq = _dq_step(dq, q, do, k, v, lse, delta, 0, qk_scale, False, PREC)
-    if lo + n_full * BN < hi:
-        rows = lo + n_full * BN + offs_n
+    for start in range(lo, hi, BN):
+        rows = start + offs_n
         ok = rows < hi
         k = _load_rows(kb, rows, skn, offs_d, ok, D, BLOCK_D, True)
         v = _load_rows(vb, rows, svn, offs_d, ok, D, BLOCK_D, True)
@@ -364,17 +353,9 @@ def _dkdv_step(dk, dv, k, v, q, do, lse, delta, mask, qk_scale, MASKED: tl.const
 @triton.jit
 def _dkdv_dense_queries(dk, dv, k, v, qb, dob, lse_b, delta_b, sqn, sdn, lo, hi, offs_m, offs_d, qk_scale,
                         D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
-    """Query rows [lo, hi) in blocks of BM against one key block: whole blocks unmasked, the tail masked."""
-    n_full = (hi - lo) // BM
-    for i in range(n_full):
-        rows = lo + i * BM + offs_m
-        q = _load_rows(qb, rows, sqn, offs_d, rows < hi, D, BLOCK_D, False)
-        do = _load_rows(dob, rows, sdn, offs_d, rows < hi, D, BLOCK_D, False)
-        lse = tl.load(lse_b + rows)
-        delta = tl.load(delta_b + rows)
-        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, 0, qk_scale, False, PREC)
-    if lo + n_full * BM < hi:
-        rows = lo + n_full * BM + offs_m
+    """Query rows [lo, hi) in blocks of BM against one key block, bounds-masked."""
+    for start in range(lo, hi, BM):
+        rows = start + offs_m
         ok = rows < hi
         q = _load_rows(qb, rows, sqn, offs_d, ok, D, BLOCK_D, True)
         do = _load_rows(dob, rows, sdn, offs_d, ok, D, BLOCK_D, True)
@@ -612,8 +593,9 @@ def _forward(q, k, v, kp, vp, text_len: int, grid: tuple[int, int], window: int,
             q, k, v, o, lse, op, lsep, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             nh, bh, n, t, per, qk_scale, D=d, BLOCK_D=bd, BM=bm, BN=bn, PREC=prec, SPLIT=s > 1, **launch)
         if s > 1:
-            _merge_kernel[(n_m, bh)](op, lsep, o, lse, *_strides(o), nh, bh, n, t, s, D=d, BLOCK_D=bd, BM=bm,
-                                     num_warps=4)
+            # small row blocks: the merge holds one [rows, D] fp32 accumulator and streams the chunks
+            _merge_kernel[(-(-t // 32), bh)](op, lsep, o, lse, *_strides(o), nh, bh, n, t, s, D=d, BLOCK_D=bd,
+                                             BM=32, num_warps=4)
     return o, lse
 
 
@@ -640,8 +622,9 @@ def _backward(do, q, k, v, kp, vp, o, lse, text_len: int, grid: tuple[int, int],
         dkp, dvp = _like(kp), _like(vp)
     else:
         kp, vp, p = k, v, 0
+    cd = cfg.dkdv_or_bwd
     rel = tile_relations((gh, gw), window, c.q_tile, c.k_tile, q.device)
-    rel_t = tile_relations((gh, gw), window, c.k_tile, c.q_tile, q.device)
+    rel_t = tile_relations((gh, gw), window, cd.k_tile, cd.q_tile, q.device)
     _bwd_dq_image_kernel[(rel.n_tiles, bh)](
         q, k, v, kp, vp, do, dq, lse, delta, rel.index, rel.counts,
         *_strides(q), *_strides(k), *_strides(v), *_strides(kp), *_strides(vp), *_strides(do), *_strides(dq),
@@ -652,12 +635,13 @@ def _backward(do, q, k, v, kp, vp, o, lse, text_len: int, grid: tuple[int, int],
         q, k, v, do, dk, dv, lse, delta, rel_t.index, rel_t.counts,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
         rel_t.index.stride(0), nh, t, n, gh, gw, window * window, qk_scale, scale, rel_t.tiles_x, rel_t.other_x,
-        D=d, BLOCK_D=bd, QA=c.q_tile[0], QB=c.q_tile[1], KA=c.k_tile[0], KB=c.k_tile[1], PREC=prec,
-        HAS_TEXT=t > 0, **launch)
+        D=d, BLOCK_D=bd, QA=cd.q_tile[0], QB=cd.q_tile[1], KA=cd.k_tile[0], KB=cd.k_tile[1], PREC=prec,
+        HAS_TEXT=t > 0, num_warps=cd.num_warps, num_stages=cd.num_stages)
 
     def dense_dkdv(kx, vx, dkx, dvx, nk, q0, q1):
-        n_n = -(-nk // bn)
-        s, per = _chunks(q1 - q0, bm, n_n * bh, cfg.splits, q.device)
+        bm_k, bn_k = cd.block_m, cd.block_n
+        n_n = -(-nk // bn_k)
+        s, per = _chunks(q1 - q0, bm_k, n_n * bh, cfg.splits, q.device)
         if s > 1:
             dkp_ = torch.empty(s, bh, nk, d, device=q.device, dtype=torch.float32)
             dvp_ = torch.empty_like(dkp_)
@@ -666,8 +650,8 @@ def _backward(do, q, k, v, kp, vp, o, lse, text_len: int, grid: tuple[int, int],
         _bwd_dkdv_dense_kernel[(n_n, s, bh)](
             q, kx, vx, do, dkx, dvx, dkp_, dvp_, lse, delta,
             *_strides(q), *_strides(kx), *_strides(vx), *_strides(do), *_strides(dkx), *_strides(dvx),
-            nh, bh, n, nk, q0, q1, per, qk_scale, scale, D=d, BLOCK_D=bd, BM=bm, BN=bn, PREC=prec, SPLIT=s > 1,
-            **launch)
+            nh, bh, n, nk, q0, q1, per, qk_scale, scale, D=d, BLOCK_D=bd, BM=bm_k, BN=bn_k, PREC=prec,
+            SPLIT=s > 1, num_warps=cd.num_warps, num_stages=cd.num_stages)
         if s > 1:
             dkx.copy_(dkp_.sum(0).view(bsz, nh, nk, d))
             dvx.copy_(dvp_.sum(0).view(bsz, nh, nk, d))

@@ -39,46 +39,57 @@ class TileConfig:
 
 @dataclass(frozen=True)
 class TritonConfig:
-    """Forward and backward launch shapes. `splits`: key (or query) chunks of the dense text rows and columns
-    (0 = from the device's SM count)."""
+    """Launch shapes: `fwd` (forward: query tiles over key tiles), `bwd` (dq: query tiles over key tiles), `dkdv`
+    (dk/dv: key tiles `k_tile` over query tiles `q_tile`; None = as `bwd`). `splits`: chunks of the dense text rows
+    and columns (0 = from the device's SM count)."""
 
     fwd: TileConfig
     bwd: TileConfig
+    dkdv: TileConfig | None = None
     splits: int = 0
     name: str = ""
 
+    @property
+    def dkdv_or_bwd(self) -> TileConfig:
+        return self.dkdv or self.bwd
+
     def as_list(self) -> list[int]:
-        return [*self.fwd.as_list(), *self.bwd.as_list(), self.splits]
+        return [*self.fwd.as_list(), *self.bwd.as_list(), *self.dkdv_or_bwd.as_list(), self.splits]
 
     @staticmethod
     def from_list(x: list[int]) -> "TritonConfig":
-        f, b = x[0:6], x[6:12]
-        return TritonConfig(TileConfig((f[0], f[1]), (f[2], f[3]), f[4], f[5]),
-                            TileConfig((b[0], b[1]), (b[2], b[3]), b[4], b[5]), x[12])
+        def tile(c: list[int]) -> TileConfig:
+            return TileConfig((c[0], c[1]), (c[2], c[3]), c[4], c[5])
+        return TritonConfig(tile(x[0:6]), tile(x[6:12]), tile(x[12:18]), x[18])
 
     def describe(self) -> str:
-        f, b = self.fwd, self.bwd
-        return (f"fwd q{f.q_tile[0]}x{f.q_tile[1]} k{f.k_tile[0]}x{f.k_tile[1]} w{f.num_warps} s{f.num_stages}, "
-                f"bwd q{b.q_tile[0]}x{b.q_tile[1]} k{b.k_tile[0]}x{b.k_tile[1]} w{b.num_warps} s{b.num_stages}")
+        def one(c: TileConfig) -> str:
+            return f"q{c.q_tile[0]}x{c.q_tile[1]} k{c.k_tile[0]}x{c.k_tile[1]} w{c.num_warps} s{c.num_stages}"
+        return f"fwd {one(self.fwd)}, dq {one(self.bwd)}, dkdv {one(self.dkdv_or_bwd)}"
 
 
-def _cfg(name, fq, fk, fw, fs, bq, bk, bw, bs) -> TritonConfig:
-    return TritonConfig(TileConfig(fq, fk, fw, fs), TileConfig(bq, bk, bw, bs), 0, name)
+def _cfg(name, fwd, dq, dkdv) -> TritonConfig:
+    return TritonConfig(TileConfig(*fwd), TileConfig(*dq), TileConfig(*dkdv), 0, name)
 
 
-# Candidates for bf16/fp16 at head_dim <= 128 on H100/H200 and A100 (sm80 has less shared memory per block: the
-# 3-stage 128-query ones may not fit there; `sweep` records such a failure and goes on). Tiles keep rows of >= 8
-# contiguous tokens (>= 2 KiB per row at d = 128 in bf16) so loads stay coalesced. Unmeasured until a GPU run.
+# Candidates for bf16/fp16 at head_dim <= 128 on H100/H200 and A100. Tiles keep rows of >= 8 contiguous tokens (2 KiB
+# per row at d = 128 in bf16). The backward walks big own tiles over small other ones (dq: 64 queries over 32-key
+# tiles; dk/dv: 64 keys over 32-query tiles), as flash-attention-2 does. Chosen from the compiled kernels' resource
+# use (ptxas registers and spills for sm_90a / sm_80, d = 128, bf16; see the module docstring), not from timings:
+# none exist yet; `sweep` on the card decides.
+_DQ = ((8, 8), (4, 8), 8, 2)
+_DKDV = ((4, 8), (8, 8), 8, 2)
 CANDIDATES: tuple[TritonConfig, ...] = (
-    _cfg("m64n64", (8, 8), (8, 8), 4, 3, (8, 8), (8, 8), 4, 2),
-    _cfg("m128n64", (8, 16), (8, 8), 8, 3, (8, 8), (8, 8), 4, 2),
-    _cfg("m128n64-rows32", (4, 32), (4, 16), 8, 3, (4, 16), (4, 16), 4, 2),
-    _cfg("m128n128", (8, 16), (8, 16), 8, 2, (8, 8), (8, 16), 8, 2),
-    _cfg("m64n32", (8, 8), (4, 8), 4, 3, (8, 8), (4, 8), 4, 2),
-    _cfg("m64n64-s2", (8, 8), (8, 8), 4, 2, (8, 8), (8, 8), 4, 1),
+    _cfg("m64n64", ((8, 8), (8, 8), 8, 3), _DQ, _DKDV),
+    _cfg("m128n64", ((8, 16), (8, 8), 8, 3), _DQ, _DKDV),
+    _cfg("m128n64-rows32", ((4, 32), (4, 16), 8, 3), ((4, 16), (4, 8), 8, 2), ((4, 8), (4, 16), 8, 2)),
+    _cfg("m64n32-w4", ((8, 8), (4, 8), 4, 3), _DQ, _DKDV),
+    _cfg("m64n64-s2", ((8, 8), (8, 8), 8, 2), ((8, 8), (4, 8), 8, 1), ((4, 8), (8, 8), 8, 1)),
 )
-# fp32 (IEEE dots, twice the bytes) and head_dim > 128: small blocks that fit any card's shared memory.
-SMALL = _cfg("m32n32", (4, 8), (4, 8), 4, 1, (4, 8), (4, 8), 4, 1)
+# head_dim > 128 (bf16/fp16): 32-token tiles. fp32 (IEEE dots, twice the bytes): 16-token tiles, the only ones
+# without spilled registers at d = 128. Both correctness paths more than fast ones.
+WIDE = _cfg("m32n32", ((4, 8), (4, 8), 4, 1), ((4, 8), (4, 8), 4, 1), ((4, 8), (4, 8), 4, 1))
+SMALL = _cfg("m16n16-fp32", ((4, 4), (4, 4), 4, 1), ((4, 4), (4, 4), 4, 1), ((4, 4), (4, 4), 4, 1))
 
 # Winners of `triton_clear.sweep(..., apply=True)` in this process: (window bucket, head_dim, dtype, capability).
 TUNED: dict[tuple, TritonConfig] = {}
@@ -92,18 +103,21 @@ def config_key(window: int, head_dim: int, dtype: torch.dtype, capability: tuple
 def default_config(window: int, head_dim: int, dtype: torch.dtype,
                    device: torch.device | str | None = None) -> TritonConfig:
     """The config a call uses: a swept winner for this (window bucket, head_dim, dtype, card) if any, else a guess:
-    64-query tiles for small windows (less halo waste), 128-query tiles on Hopper from r = 16 (more reuse)."""
+    64-query / 64-key tiles (less halo waste than 128-query ones, and no spilled registers in the compiled forward),
+    fewer pipeline stages before Hopper, small blocks for fp32 (16 tokens) and head_dim > 128 (32)."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     cap = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
     tuned = TUNED.get(config_key(window, head_dim, dtype, cap))
     if tuned is not None:
         return tuned
-    if dtype == torch.float32 or head_dim > 128:
+    if dtype == torch.float32:
         return SMALL
+    if head_dim > 128:
+        return WIDE
     by_name = {c.name: c for c in CANDIDATES}
     if cap is not None and cap[0] < 9:
         return by_name["m64n64-s2"]
-    return by_name["m128n64"] if window > 8 else by_name["m64n64"]
+    return by_name["m64n64"]
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def test_triton_cuda_matches_reference(dtype, shape):
 
 def test_every_candidate_config_compiles_and_matches():
     from clear_cli.attention import clear_attention
-    from clear_cli.attention.triton_clear import CANDIDATES, SMALL, clear_triton_attention
+    from clear_cli.attention.triton_clear import CANDIDATES, WIDE, clear_triton_attention
 
     q, k, v = _qkv(1, 2, 29 + 40 * 36, 128, torch.bfloat16)
     kw = dict(text_len=29, grid=(40, 36), window=9, down_factor=4)
@@ -76,7 +76,7 @@ def test_every_candidate_config_compiles_and_matches():
     g = torch.randn_like(ref)
     g_ref = torch.autograd.grad(ref, [q, k, v], g)
     failed = []
-    for cfg in (*CANDIDATES, SMALL):
+    for cfg in (*CANDIDATES, WIDE):
         try:
             out = clear_triton_attention(q, k, v, config=cfg, **kw)
             grads = torch.autograd.grad(out, [q, k, v], g)

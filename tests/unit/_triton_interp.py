@@ -76,7 +76,8 @@ def run_case(case: tuple) -> dict:
     leaves = [_make(x, layout).requires_grad_(True) for x in (q, k, v)]
     if dw is not None:
         leaves.append(dw.clone().requires_grad_(True))
-    cfg = TritonConfig(TileConfig(*ft), TileConfig(*bt), splits)
+    # dk/dv: the backward tiles swapped (own key tile = bt's query tile), so the two tilings differ there too
+    cfg = TritonConfig(TileConfig(*ft), TileConfig(*bt), dkdv=TileConfig(bt[1], bt[0]), splits=splits)
     kw = dict(text_len=t, grid=(h, w), window=r, down_factor=f)
     t0 = time.perf_counter()
     out = clear_triton_attention(*leaves[:3], down_weight=leaves[3] if dw is not None else None, config=cfg, **kw)
@@ -138,6 +139,10 @@ def run_model() -> dict:
     from clear_cli.attention.linearize import trainable_attention_parameters
     from clear_cli.models import tiny
 
+    from clear_cli.attention import triton_plan
+
+    # 32-token query tiles instead of fp32's default 16 (the interpreter's time grows with the number of programs)
+    triton_plan.TUNED[triton_plan.config_key(3, 32, torch.float32, None)] = triton_plan.WIDE
     torch.manual_seed(0)
     tr = FluxTransformer2DModel(**tiny.TRANSFORMER).eval()
     g = torch.Generator().manual_seed(1)

@@ -118,4 +118,23 @@ def test_config_round_trip():
 
     for c in CANDIDATES:
         back = TritonConfig.from_list(c.as_list())
-        assert (back.fwd, back.bwd, back.splits) == (c.fwd, c.bwd, c.splits)
+        assert (back.fwd, back.bwd, back.dkdv, back.splits) == (c.fwd, c.bwd, c.dkdv_or_bwd, c.splits)
+
+
+# ------------------------------------------------------------------- the real compiler (no GPU: Triton's ptxas)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, dtype, head_dim, name", [(90, "bf16", 128, "m64n64"), (80, "fp32", 64, "m16n16-fp32")])
+def test_kernels_compile_for_cuda_without_a_gpu(arch, dtype, head_dim, name):
+    """Every kernel of a forward + backward compiles to a cubin for sm_90 / sm_80 (what the interpreter cannot show).
+    Run in a child process: the kernels must be defined without TRITON_INTERPRET."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, str(WORKER.with_name("_triton_aot.py")), name, "--arch", str(arch),
+                           "--dtype", dtype, "--head-dim", str(head_dim)], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=1200)
+    if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("Triton's bundled ptxas is missing here")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(proc.stdout.strip().splitlines()) == 8   # one line per kernel
