@@ -19,6 +19,7 @@ TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import torch
@@ -42,7 +43,6 @@ def triton_status(device: torch.device | str) -> tuple[bool, str]:
     """(can the Triton backend run on `device`, why). Imports Triton only where it could run."""
     dev = torch.device(device)
     if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        import sys
         mod = sys.modules.get("clear_cli.attention.triton_clear")
         if mod is None or not mod.INTERPRET:
             return False, "Triton runs on CUDA (on the CPU only under TRITON_INTERPRET=1)"

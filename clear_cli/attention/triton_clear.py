@@ -1,31 +1,40 @@
 """CLEAR attention in Triton, forward and backward, reading and writing the model's own token layout.
 
 Layout: q/k/v/out `[B, heads, T + H*W, D]`, text first, image row-major; any strides with a unit last stride (the
-processor's transposed views of `[B, N, heads, D]` are read in place; others are made contiguous first). The output
-is allocated like q (so the processor's transpose back is free). Pooled keys/values (down_factor f > 1) come in as
-`[B, heads, (H/f)(W/f), D]` tensors computed in torch (`geometry.pool_tokens`), so autograd carries the pooling
-weight's gradient; the kernel returns their gradients.
+processor's transposed views of `[B, N, heads, D]` are read in place, by strides; a non-unit last stride is made
+contiguous first). The output is allocated like q, so the processor's transpose back is free. Pooled keys/values
+(down_factor f > 1) come in as `[B, heads, (H/f)(W/f), D]` tensors computed in torch (`geometry.pool_tokens`), so
+autograd gives the pooling weight its gradient; the kernels return the pooled tensors' gradients.
 
-Kernels (one program per tile and batch-head):
+Kernels (one program per tile, or block, and batch-head):
 - image queries: a query tile of a x b tokens is a rows of b contiguous tokens, addressed from (row, col), so no
-  gather, scatter or concatenation surrounds the kernel. It walks the text keys (dense leading blocks, only the last
-  one masked), the key tiles of `triton_plan.tile_relations` (full tiles unmasked, partial tiles with the circle
-  computed from indices) and the pooled keys (dense trailing blocks), with an online softmax; it stores the output
-  and the log-sum-exp (base 2) per row.
-- text queries: every text and image key (no pooled ones), split over the keys into chunks whose partial results
-  are merged by their log-sum-exp, so 512 text queries fill the card.
+  gather, scatter or concatenation surrounds the kernel. It walks the text keys (dense leading blocks), the key tiles
+  of `triton_plan.tile_relations` (full tiles without any mask, then partial tiles with the circle computed from
+  indices) and the pooled keys (dense trailing blocks) with an online softmax, and stores the output and the
+  log-sum-exp (base 2) of each row. The text and pooled loops are compiled out when a call has none.
+- text queries: every text and image key (no pooled ones), split over the keys into chunks (about 8 programs per SM
+  in all) whose partial results a small kernel merges by their log-sum-exp, so 512 text queries fill the card.
 - backward (flash-attention-2 style): delta = rowsum(dO * O) first; dq per image query tile over its key tiles;
   dk/dv per image key tile over the text queries and the query tiles that see it (the same relation with the
-  tilings swapped); text keys (seen by every query) and pooled keys (seen by every image query) per key block over
-  query chunks, text queries' dq over key chunks; chunk partials summed in fp32.
-dtypes: bf16, fp16, fp32 (IEEE dots, no TF32); head_dim <= 256 (FLUX 128, the tiny model 32).
+  tilings swapped: it is symmetric); text keys (seen by every query) and pooled keys (seen by every image query)
+  per key block over query chunks; the text queries' dq over key chunks; chunk partials summed in fp32.
+dtypes: bf16, fp16, fp32 (IEEE dots, no TF32); head_dim <= 256 (FLUX 128, the tiny model 32). No double backward.
+Under torch.compile the forward and backward are opaque custom ops (`clear_cli::clear_triton_fwd` / `_bwd`): no graph
+break, the tile lists are built at run time outside the graph.
+
+Launch configs (`triton_plan`): `fwd` (query tile, key tile, warps, stages), `bwd` (dq: query tile over key tiles)
+and `dkdv` (key tile over query tiles). The candidates and defaults were chosen from what the real compiler makes of
+each kernel (registers, spills, shared memory for sm_90a and sm_80, read from the cubin by
+tests/unit/_triton_aot.py without a GPU): a dense range is one bounds-masked loop (a separate masked tail block
+doubled the spills), 8 warps for 64 x 64 blocks at d = 128, the backward's own tile twice the other one's. No timing
+has been made: `sweep` on the card decides.
 
 Interface (what the GPU bench imports, guarded by try/except ImportError):
 
     from clear_cli.attention.triton_clear import (
-        CANDIDATES,          # tuple[TritonConfig, ...]: launch configs to sweep (bf16/fp16, H100/H200/A100)
+        CANDIDATES,          # tuple[TritonConfig, ...]: launch configs to sweep (bf16/fp16, d <= 128, sm80/sm90)
         TritonConfig, TileConfig,
-        default_config,      # (window, head_dim, dtype, device) -> TritonConfig a call uses by default
+        default_config,      # (window, head_dim, dtype, device) -> the TritonConfig a call uses
         clear_triton_attention,  # (q, k, v, *, text_len, grid, window, down_factor=1, down_weight=None,
                                  #  scale=None, config=None) -> out; differentiable
         sweep,               # (grid, text_len, window, *, down_factor=1, heads=24, head_dim=128, batch=1,
@@ -34,12 +43,13 @@ Interface (what the GPU bench imports, guarded by try/except ImportError):
         available,           # (device) -> (bool, reason)
     )
 
-`sweep` times each candidate (forward, and forward + backward when `backward`) with CUDA events on random inputs,
-records compile failures instead of raising, and with `apply` makes the winner the default for this (window bucket,
-head_dim, dtype, card) in this process. Each result: {"index" (into configs), "name", "config" (its tiles, warps
-and stages in words), "fwd_ms", "fwd_bwd_ms" (medians; None if not run), "error" (None, or why it failed)}.
+`sweep` times each config (forward, and forward + backward when `backward`) with CUDA events on random inputs in the
+processor's layout, records a config that fails to compile or fit instead of raising, and with `apply` makes the
+fastest the default for this (window bucket 8/16/32, head_dim, dtype, card) in this process. Each result: {"index"
+(into configs), "name", "config" (its tiles, warps and stages in words), "fwd_ms", "fwd_bwd_ms" (medians; None if not
+run), "error" (None, or why it failed)}. Every config compiles its own 8 kernels on first use (tens of seconds).
 
-Triton kernels must be defined under `TRITON_INTERPRET=1` to run on the CPU (the tests do it in a subprocess):
+Triton kernels must be defined under `TRITON_INTERPRET=1` to run on the CPU (the tests do it in a child process):
 `INTERPRET` records the mode this module was imported in. The interpreter's bf16 dot is wrong
 (triton-lang/triton#11584), so bf16 is only checked on a GPU.
 """
