@@ -75,3 +75,23 @@ def test_bench_attention_reports_what_auto_runs_and_why(capsys):
     code = run(args)
     out = capsys.readouterr().out
     assert code == 0 and "auto -> sdpa: window 12 covers" in out and "auto -> tiled: cpu:" in out
+
+
+def test_bench_attention_reports_a_fallback_under_auto(monkeypatch):
+    from clear_cli.attention import kernels
+    from clear_cli.attention.bench import AttentionBenchConfig, bench_attention
+
+    def broken(q, k, v, **kw):
+        raise RuntimeError("does not compile")
+
+    monkeypatch.setitem(kernels.AUTO_ORDER, "cpu", ("triton", "tiled"))
+    monkeypatch.setitem(kernels._RUN, "triton", broken)
+    monkeypatch.setattr(kernels, "_usable", lambda name, *a: (True, ""))
+    monkeypatch.setattr(kernels, "_BROKEN", set())
+    monkeypatch.setattr(kernels, "_FALLBACKS", {})
+    cfg = AttentionBenchConfig(res=["128"], window=2, heads=1, head_dim=8, text_len=3, device="cpu", repeats=1)
+    with pytest.warns(UserWarning, match="triton kernel failed"):
+        (row,) = bench_attention(cfg)
+    assert row["auto"]["backend"] == "tiled" and "does not compile" in row["auto"]["why"]
+    assert set(row["times_s"]) == {"full", "tiled"} and "tiled" in row["speedup"]
+    assert any(n.startswith("auto fell back") for n in row["notes"])
