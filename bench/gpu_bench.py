@@ -48,7 +48,7 @@ SMOKE_DIMS = dict(heads=2, head_dim=16, text_len=8, joint_dim=32, pooled_dim=16,
                   n_single=3)
 BWD_FLOP_FACTOR = 3.5     # forward + backward = 3.5 x forward FLOPs (backward: 5 matmuls to the forward's 2)
 # where the Triton backend's module may live (its `sweep` and work count are optional; CLEAR_TRITON_MODULE wins)
-TRITON_MODULES = ("clear_cli.attention.triton_kernel", "clear_cli.attention.triton", "clear_cli.attention.triton_clear")
+TRITON_MODULES = ("clear_cli.attention.triton_clear",)
 VARIANTS = ("clear_compiled", "clear_eager", "full_eager", "full_compiled")
 
 # H200 estimates (torch 2.11, bf16), from bench/results/gpu_bench_h200.json where measured: whole eager steps
@@ -214,7 +214,7 @@ def kernel_pairs(name: str, grid, t: int, r: int, f: int, head_dim: int) -> tupl
         from clear_cli.attention.flex import layout_work
         return layout_work(grid, t, r, f, name.split(":", 1)[1])[0], "flex block schedule"
     if name == "tiled":
-        from clear_cli.attention.bench import schedule_work
+        from clear_cli.jobs.bench import schedule_work
         return schedule_work("tiled", grid, t, r, f, head_dim)[0], "tiled schedule"
     mod = triton_module() if name == "triton" else None
     for attr in ("schedule_work", "layout_work", "work"):
@@ -492,11 +492,11 @@ def step_case(b: Bench, res: str, window: int, variants: tuple[str, ...]) -> Non
 def auto_kernel(b: Bench, tokens: int | None = None, window: int = 16) -> str:
     """Which kernel `auto` runs for a FLUX-size call of `tokens` on this device (the dispatcher's choice)."""
     try:
-        from clear_cli.attention.kernels import select_backend
+        from clear_cli.attention.kernels import choose_backend
 
-        n = tokens or b.dims["text_len"] + b.res["8k"] ** 2
-        x = torch.zeros(1, device=b.device, dtype=b.dtype).expand(1, b.dims["heads"], n, b.dims["head_dim"])
-        name = select_backend(x, x, x, None, "auto")
+        side = b.res["8k"] if tokens is None else int(round((tokens - b.dims["text_len"]) ** 0.5))
+        shape = (1, b.dims["heads"], b.dims["text_len"] + side * side, b.dims["head_dim"])
+        name, _why = choose_backend(b.device, b.dtype, shape, (side, side), b.dims["text_len"], window)
         if name == "flex":
             from clear_cli.attention.flex import choose_layout
             name += f":{choose_layout(window, b.device).name}"
@@ -529,10 +529,11 @@ def sweep_case(b: Bench, res: str, r: int, backward: bool) -> None:
         t = time.perf_counter()
         result = fn(**kwargs)
         b.data["sweep"][key] = {"result": result, "s": time.perf_counter() - t}
-        for attr in ("CONFIGS", "CANDIDATE_CONFIGS", "candidate_configs"):
+        for attr in ("CANDIDATES", "CONFIGS", "CANDIDATE_CONFIGS", "candidate_configs"):
             if hasattr(mod, attr):
                 cand = getattr(mod, attr)
-                b.data["sweep"]["candidates"] = cand() if callable(cand) else cand
+                cand = cand() if callable(cand) else cand
+                b.data["sweep"]["candidates"] = [getattr(c, "name", None) or str(c) for c in cand]
                 break
         b.say(f"sweep {key}: {str(result)[:200]}")
     except Exception as e:

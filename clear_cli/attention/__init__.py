@@ -1,4 +1,4 @@
-"""CLEAR attention: mask geometry, exact work counting and kernels (reference, tiled, flex)."""
+"""CLEAR attention: mask geometry, exact work counting and kernels (reference, tiled, flex, triton)."""
 
 from __future__ import annotations
 

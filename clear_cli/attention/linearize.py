@@ -98,7 +98,8 @@ def linearize(model, window: int = 16, down_factor: int = 1, backend: str = "aut
     """Install CLEAR processors in every FluxAttention of `model` (a FluxPipeline or FLUX transformer); return it.
 
     window: circle radius in image tokens (16 px each for FLUX); down_factor: f > 1 adds (H/f)(W/f) pooled keys with
-    learnable f x f weights (`...attn.processor.spatial_weight`); backend: auto|reference|tiled|flex.
+    learnable f x f weights (`...attn.processor.spatial_weight`); backend: auto|reference|tiled|flex|triton
+    (checked against the device at the first call: `kernels.check_backend`).
     proportional_attention: scale sqrt(log(cN)/log(cN_train)/d_head) with N the joint length, N_train =
     `train_seq_len` (default FLUX's 64*64 + 512), c = `log_scale_factor` (default 10 when down_factor > 1, as the
     authors' pooled checkpoints, else 1). ntk_factor: RoPE theta x factor on every axis (authors: 10 at high res).

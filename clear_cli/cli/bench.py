@@ -29,7 +29,8 @@ def register(app: typer.Typer) -> None:
         batch: int = typer.Option(1, "--batch", help="Batch size."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
         dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16."),
-        backends: str = typer.Option("auto", "--backends", help="Comma-separated CLEAR backends: auto, tiled, flex."),
+        backends: str = typer.Option("auto", "--backends",
+                                     help="Comma-separated CLEAR backends: auto, tiled, flex, triton."),
         repeats: int = typer.Option(3, "--repeats", help="Timed repeats (interleaved; medians reported)."),
         max_full_tflop: float = typer.Option(0.0, "--max-full-tflop",
                                              help="Time full attention only up to this many TFLOPs (0: 2 on CPU)."),
@@ -41,12 +42,23 @@ def register(app: typer.Typer) -> None:
         from clear_cli.resolution import token_grid
 
         names = _split(backends)
-        bad = [b for b in names if b not in ("auto", "tiled", "flex", "reference")]
+        from clear_cli.attention import BACKENDS
+
+        bad = [b for b in names if b not in BACKENDS]
         if bad:
-            raise UsageError(f"--backends: unknown backend {bad[0]!r}", "use auto, tiled, flex or reference")
+            raise UsageError(f"--backends: unknown backend {bad[0]!r}", f"use {', '.join(BACKENDS)}")
         if window < 1 or down_factor < 1 or repeats < 1 or heads < 1 or head_dim < 1 or text_len < 0 or batch < 1:
             raise UsageError("--window, --down-factor, --repeats, --heads, --head-dim and --batch must be >= 1, "
                              "--text-len >= 0")
+        from clear_cli.attention.kernels import check_backend
+        from clear_cli.devices import resolve_device
+
+        dev = resolve_device(device)
+        for b in names:
+            try:
+                check_backend(b, dev)   # e.g. triton without CUDA
+            except ValueError as e:
+                raise UsageError(f"--backends: {e}") from None
         resolutions = _split(res)
         for r in resolutions:
             grid = token_grid(r)

@@ -39,7 +39,8 @@ def eval_cmd(
                                        "(default ~/.cache/clear/coco/annotations/captions_val2014.json)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
-    backend: str = typer.Option("auto", "--backend", help="CLEAR attention backend: auto, reference, tiled or flex."),
+    backend: str = typer.Option("auto", "--backend", help="CLEAR attention backend: auto, reference, tiled, flex or "
+                                 "triton (CUDA)."),
     compile: str = typer.Option("auto", "--compile", help="torch.compile of the FLUX blocks: auto (CUDA, from 2K "
                                 "up), on or off."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per batch when computing metrics."),

@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
         backend: str = typer.Option("auto", "--backend", help="CLEAR attention backend: auto, reference, tiled, "
-                                    "flex."),
+                                    "flex, triton (CUDA)."),
         compile: str = typer.Option("auto", "--compile", help="torch.compile of the FLUX blocks: auto (CUDA, "
                                     "from 2K up), on or off."),
         parallel: str = typer.Option("none", "--parallel", help="none; patch: split each image's token rows over "

@@ -3,7 +3,9 @@
 Figures per resolution: tokens, FLOPs of full attention, exact and paper-formula CLEAR FLOPs, each schedule's work /
 exact (image-to-image part separately: the dense text rows and columns hide a block layout's waste), then measured
 medians of full SDPA and each CLEAR backend (repeats interleaved so drift hits all alike), speedup and efficiency
-(= speedup / (full FLOPs / exact FLOPs): 1.0 means CLEAR runs at full attention's FLOP rate).
+(= speedup / (full FLOPs / exact FLOPs): 1.0 means CLEAR runs at full attention's FLOP rate), and what `auto` runs
+for the row's shape and why (`row["auto"]`; `sdpa` = the exact whole-grid shortcut), updated if a kernel failed for
+that shape during the warm-up. `auto` is timed under the name of what it runs.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class AttentionBenchConfig:
     batch: int = doc(1, "Batch size.")
     device: str = doc("auto", "auto, cpu, cuda, cuda:N.")
     dtype: str = doc("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")
-    backends: list[str] = doc(["auto"], "CLEAR backends to time: auto, tiled, flex, reference.")
+    backends: list[str] = doc(["auto"], "CLEAR backends to time: auto, tiled, flex, triton, reference.")
     repeats: int = doc(3, "Timed repeats per kernel (after one warm-up); medians are reported.")
     max_full_tflop: float = doc(0.0, "Skip timing full attention above this many TFLOPs (0: 2 on CPU, 2000 on CUDA).")
     max_tokens_cuda_full: int = doc(300_000, "Skip full attention beyond this many tokens on CUDA.")
@@ -42,8 +44,9 @@ class AttentionBenchConfig:
 
 
 def schedule_work(backend: str, grid: tuple[int, int], text_len: int, window: int, down_factor: int = 1,
-                  head_dim: int = 128) -> tuple[int, int] | None:
-    """(all pairs computed, image-to-image pairs computed) by a backend's schedule; None if it has no schedule."""
+                  head_dim: int = 128, dtype=None, device=None) -> tuple[int, int] | None:
+    """(all pairs computed, image-to-image pairs computed) by a backend's schedule; None if it has no schedule.
+    triton: with the launch config a call on `device` in `dtype` would use (bf16 and Hopper-style by default)."""
     h, w = grid
     t, hw = text_len, h * w
     p = (h // down_factor) * (w // down_factor) if down_factor > 1 else 0
@@ -55,6 +58,12 @@ def schedule_work(backend: str, grid: tuple[int, int], text_len: int, window: in
         slots = -(-h // a) * -(-w // b) * a * b
         k_img = len(tile_key_offsets((a, b), window))
         return text_rows + slots * (t + k_img + p), slots * k_img
+    if backend == "triton":
+        import torch
+
+        from clear_cli.attention.triton_plan import default_config, kernel_work
+        cfg = default_config(window, head_dim, dtype or torch.bfloat16, device)
+        return kernel_work(grid, text_len, window, down_factor, cfg)
     if backend == "flex":
         from clear_cli.attention.flex import default_tiles, image_block_work
         qt, kt = default_tiles(window)
@@ -63,15 +72,6 @@ def schedule_work(backend: str, grid: tuple[int, int], text_len: int, window: in
         img = image_block_work(grid, window, qt, kt)
         return text_rows + slots * (-(-t // kb) * kb + -(-p // kb) * kb) + img, img
     return None
-
-
-def _resolve_backend(name: str, device, needs_grad: bool = False) -> str:
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        from clear_cli.attention.flex import flex_available
-        return "flex" if flex_available(device) else "tiled"
-    return "tiled"
 
 
 def _rss_mb() -> float:
@@ -91,8 +91,8 @@ def bench_attention(cfg: AttentionBenchConfig, log: Callable[[str], None] | None
     dtype = resolve_dtype(cfg.dtype, device)
     d_model = cfg.heads * cfg.head_dim
     max_full = cfg.max_full_tflop or (2.0 if device.type == "cpu" else 2000.0)
-    backends = [_resolve_backend(b, device) for b in cfg.backends]
-    backends = list(dict.fromkeys(backends))
+    from clear_cli.attention.kernels import choose_backend, fallback_reason
+
     rows = []
     for res in cfg.res:
         grid = token_grid(res)
@@ -111,9 +111,16 @@ def bench_attention(cfg: AttentionBenchConfig, log: Callable[[str], None] | None
             "schedules": {},
             "times_s": {}, "speedup": {}, "efficiency": {}, "peak_mb": {}, "notes": [],
         }
+        shape = (cfg.batch, cfg.heads, n, cfg.head_dim)
+        auto, why = choose_backend(device, dtype, shape, grid, t, cfg.window, cfg.down_factor)
+        row["auto"] = {"backend": auto, "why": why}
+        # what to time: the names asked for, `auto` under the name of what it runs (once if asked twice)
+        backends = list(dict.fromkeys(auto if b == "auto" else b for b in cfg.backends))
         img_exact = image_pairs(grid, cfg.window)
-        for b in ("tiled", "flex"):
-            sw = schedule_work(b, grid, t, cfg.window, cfg.down_factor, cfg.head_dim)
+        for b in ("tiled", "flex", "triton"):
+            on_cuda = device.type == "cuda"   # elsewhere: the bf16 CUDA default, what a GPU run would use
+            sw = schedule_work(b, grid, t, cfg.window, cfg.down_factor, cfg.head_dim,
+                               dtype if on_cuda else None, device if on_cuda else None)
             if sw:
                 row["schedules"][b] = {"work_over_exact": sw[0] / exact, "image_work_over_exact": sw[1] / img_exact}
         rows.append(row)
@@ -121,7 +128,6 @@ def bench_attention(cfg: AttentionBenchConfig, log: Callable[[str], None] | None
             f"(paper {row['paper_tflop']:.4f})")
         if not cfg.timing:
             continue
-        shape = (cfg.batch, cfg.heads, n, cfg.head_dim)
         try:
             q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
         except RuntimeError as e:  # out of memory for the inputs themselves
@@ -134,8 +140,9 @@ def bench_attention(cfg: AttentionBenchConfig, log: Callable[[str], None] | None
             row["notes"].append(f"full attention not timed ({row['full_tflop'] * cfg.batch:.1f} TFLOP > "
                                 f"{max_full:g} on {device.type}; raise --max-full-tflop to force)")
         for b in backends:
-            kernels[b] = (lambda b=b: clear_attention(q, k, v, text_len=t, grid=grid, window=cfg.window,
-                                                      down_factor=cfg.down_factor, backend=b))
+            ask = "auto" if b == auto and "auto" in cfg.backends else b   # `auto` keeps its shortcut and fallbacks
+            kernels[b] = (lambda ask=ask: clear_attention(q, k, v, text_len=t, grid=grid, window=cfg.window,
+                                                          down_factor=cfg.down_factor, backend=ask))
         times: dict[str, list[float]] = {name: [] for name in kernels}
         with torch.no_grad():
             for name, fn in list(kernels.items()):   # warm-up (compiles, builds and caches masks)
@@ -151,6 +158,18 @@ def bench_attention(cfg: AttentionBenchConfig, log: Callable[[str], None] | None
                     del kernels[name], times[name]
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
+            fell_back = fallback_reason(device, dtype, shape, grid, t, cfg.window, cfg.down_factor)
+            if fell_back and "auto" in cfg.backends:   # a kernel failed for this shape during the warm-up
+                now = choose_backend(device, dtype, shape, grid, t, cfg.window, cfg.down_factor)[0]
+                row["auto"] = {"backend": now, "why": fell_back}
+                row["notes"].append(f"auto fell back: {fell_back}")
+                if auto in kernels and now != auto:   # time it under the name of what it now runs
+                    fn, peak = kernels.pop(auto), row["peak_mb"].pop(auto, None)
+                    times.pop(auto)
+                    if now not in kernels:
+                        kernels[now], times[now] = fn, []
+                        if peak is not None:
+                            row["peak_mb"][now] = peak
             for _ in range(cfg.repeats):
                 for name, fn in kernels.items():
                     _sync(device)
@@ -161,8 +180,8 @@ def bench_attention(cfg: AttentionBenchConfig, log: Callable[[str], None] | None
         for name, ts in times.items():
             row["times_s"][name] = statistics.median(ts)
         if "full" in row["times_s"]:
-            for name in backends:
-                if name in row["times_s"]:
+            for name in row["times_s"]:
+                if name != "full":
                     sp = row["times_s"]["full"] / row["times_s"][name]
                     row["speedup"][name] = sp
                     row["efficiency"][name] = sp / row["flop_ratio"]
@@ -191,6 +210,8 @@ def format_table(rows: list[dict], peak_label: str = "peak MB") -> str:
                      f"paper {r['paper_tflop']:.4f} (full/exact {r['flop_ratio']:.1f}x)")
         if sched:
             lines.append(f"  schedules: {sched}")
+        if r.get("auto"):
+            lines.append(f"  auto -> {r['auto']['backend']}: {r['auto']['why']}")
         for name, t in r["times_s"].items():
             extra = ""
             if name in r["speedup"]:

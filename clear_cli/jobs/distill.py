@@ -394,6 +394,12 @@ class Distiller:
             raise UsageError(f"data: drawn at text length {self.p.card['model']['text_len']}, {r.model} uses "
                              f"{text_len(pipe)}")
         tr.requires_grad_(False)
+        from clear_cli.attention.kernels import check_backend
+
+        try:
+            check_backend(r.backend, self.acc.device)   # e.g. triton without CUDA
+        except ValueError as e:
+            raise UsageError(f"backend: {e}") from None
         linearize(tr, window=r.window, down_factor=r.down_factor, backend=r.backend, keep_teacher=True)
         params = trainable_attention_parameters(tr, freeze_others=True)
         for p in params.values():

@@ -86,7 +86,7 @@ class EvalConfig:
     coco_captions: str | None = doc(None, f"COCO captions_val2014.json (default {COCO_DEFAULT})")
     device: str = doc("auto", "auto, cpu, cuda or cuda:N (under accelerate: each process's own device)")
     dtype: str = doc("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16")
-    backend: str = doc("auto", "CLEAR attention backend: auto, reference, tiled or flex")
+    backend: str = doc("auto", "CLEAR attention backend: auto, reference, tiled, flex or triton")
     compile: str = doc("auto", "torch.compile of the FLUX blocks: auto (CUDA, from 2K up), on or off")
     batch_size: int = doc(16, "images per batch when computing metrics")
     overwrite: bool = doc(False, "redraw every image (else cached images are reused)")
@@ -447,6 +447,12 @@ def evaluate(students: str | Sequence[str | os.PathLike], config: EvalConfig | N
     from clear_cli.models import fit
 
     fit.check_eval(cfg, device, width, height, metrics)  # sampling + metric networks fit, before any drawing
+    from clear_cli.attention.kernels import check_backend
+
+    try:
+        check_backend(cfg.backend, device)   # e.g. triton without CUDA
+    except ValueError as e:
+        raise UsageError(f"--backend: {e}") from None
     # Metric networks first: a bad local path should fail before minutes of drawing.
     nets = None
     if state.is_main_process:

@@ -70,7 +70,7 @@ class GenConfig:
     device: str = doc("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = doc("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16")
     overwrite: bool = doc(False, "replace existing output files")
-    backend: str = doc("auto", "CLEAR attention backend: auto, reference, tiled or flex")
+    backend: str = doc("auto", "CLEAR attention backend: auto, reference, tiled, flex or triton")
     compile: str = doc("auto", "torch.compile of the FLUX blocks: auto (CUDA, from 2K up), on or off")
     parallel: str = doc("none", "none, patch (one image's token rows split over processes) or data (prompts split); "
                                 "needs torchrun / accelerate launch")  # parallel (issue 11)
@@ -247,6 +247,12 @@ def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, p
     resolve_dtype(cfg.dtype, dev)
     if cfg.offload and dev.type != "cuda":
         raise UsageError("--offload needs a CUDA device", "drop --offload on CPU")
+    from clear_cli.attention.kernels import check_backend
+
+    try:
+        check_backend(cfg.backend, dev)   # e.g. triton without CUDA
+    except ValueError as e:
+        raise UsageError(f"--backend: {e}") from None
 
     from clear_cli.models.weights import load_attention_weights, resolve_geometry
 

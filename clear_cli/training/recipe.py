@@ -152,8 +152,8 @@ class Recipe:
     out: str | None = doc(None, f"output directory (null = {DEFAULT_OUT}; --out overrides)")
     window: int = doc(16, "CLEAR window radius in tokens (16 px each for FLUX)")
     down_factor: int = doc(1, "f > 1 adds (H/f)(W/f) pooled keys with learnable f x f weights")
-    backend: Literal["auto", "reference", "tiled", "flex"] = doc(
-        "auto", "CLEAR kernel: auto = flex on CUDA, the differentiable tiled one on CPU")
+    backend: Literal["auto", "reference", "tiled", "flex", "triton"] = doc(
+        "auto", "CLEAR kernel: auto = triton on CUDA (else flex), the differentiable tiled one on CPU")
     resolution: int | None = doc(None, "training side in pixels; null = the data's (must equal it: latents are cached)")
     train: TrainConfig = doc(TrainConfig(), "optimizer, batch, precision, sampling of timesteps")
     loss: LossConfig = doc(LossConfig(), "loss weights and attention-loss layers")

@@ -58,3 +58,40 @@ def test_bench_attention_bad_options(capsys, args, words):
     code = run(["bench", "attention", "--no-timing", *args])
     assert code == 2
     assert words in capsys.readouterr().err
+
+
+def test_bench_attention_reports_what_auto_runs_and_why(capsys):
+    # 128 px = 8x8 tokens: window 12 covers it (exact SDPA shortcut); 256 px = 16x16: it does not
+    args = ["bench", "attention", "--res", "128,256", "--window", "12", "--heads", "1", "--head-dim", "8",
+            "--text-len", "3", "--device", "cpu", "--backends", "auto,tiled", "--repeats", "1"]
+    code = run([*args, "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert rows[0]["auto"]["backend"] == "sdpa" and "covers the 8x8 grid" in rows[0]["auto"]["why"]
+    assert set(rows[0]["times_s"]) == {"full", "sdpa", "tiled"}
+    assert rows[1]["auto"]["backend"] == "tiled" and rows[1]["auto"]["why"].startswith("cpu:")
+    assert set(rows[1]["times_s"]) == {"full", "tiled"}          # auto = tiled here: timed once
+    assert rows[1]["schedules"]["triton"]["image_work_over_exact"] >= 1.0
+    code = run(args)
+    out = capsys.readouterr().out
+    assert code == 0 and "auto -> sdpa: window 12 covers" in out and "auto -> tiled: cpu:" in out
+
+
+def test_bench_attention_reports_a_fallback_under_auto(monkeypatch):
+    from clear_cli.attention import kernels
+    from clear_cli.jobs.bench import AttentionBenchConfig, bench_attention
+
+    def broken(q, k, v, **kw):
+        raise RuntimeError("does not compile")
+
+    monkeypatch.setitem(kernels.AUTO_ORDER, "cpu", ("triton", "tiled"))
+    monkeypatch.setitem(kernels._RUN, "triton", broken)
+    monkeypatch.setattr(kernels, "_usable", lambda name, *a: (True, ""))
+    monkeypatch.setattr(kernels, "_BROKEN", set())
+    monkeypatch.setattr(kernels, "_FALLBACKS", {})
+    cfg = AttentionBenchConfig(res=["128"], window=2, heads=1, head_dim=8, text_len=3, device="cpu", repeats=1)
+    with pytest.warns(UserWarning, match="triton kernel failed"):
+        (row,) = bench_attention(cfg)
+    assert row["auto"]["backend"] == "tiled" and "does not compile" in row["auto"]["why"]
+    assert set(row["times_s"]) == {"full", "tiled"} and "tiled" in row["speedup"]
+    assert any(n.startswith("auto fell back") for n in row["notes"])
