@@ -355,7 +355,7 @@ def _vae_times(rec_d: dict) -> dict:
 
 def protocol_estimate(ctx: Ctx, steps_by_tokens: dict, vae: dict, target_side: int) -> dict | None:
     """The default protocol (28 base steps, 14 per refinement stage, x2 stages) from measured per-step times."""
-    stage_sizes = _job("generate").stage_sizes
+    from clear_cli.sampling.plan import stage_sizes
 
     sizes = stage_sizes((target_side, target_side), ctx.side["1k"], 2)
     total = {"clear": 0.0, "full": 0.0}

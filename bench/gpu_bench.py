@@ -185,7 +185,10 @@ def kernel_names(b: Bench) -> list[str]:
 
     names = ["flash"] + [f"flex:{n}" for n in LAYOUTS]
     if "triton" in BACKENDS:
-        names.append("triton")
+        from clear_cli.attention.kernels import triton_status
+
+        if triton_status(b.device)[0]:
+            names.append("triton")
     if b.smoke:
         names.append("tiled")   # the CPU stand-in, so the backward path runs in the smoke test
     return names
@@ -511,8 +514,11 @@ def sweep_case(b: Bench, res: str, r: int, backward: bool) -> None:
     mod = triton_module()
     fn = getattr(mod, "sweep", None) if mod is not None else None
     key = f"{res}_r{r}_{'fwdbwd' if backward else 'fwd'}"
+    if fn is not None and b.device.type != "cuda":
+        fn, mod = None, None   # the sweep times Triton kernels on a GPU; the CPU smoke run records that
     if fn is None:
-        b.data["sweep"] = {"status": "not available" + ("" if mod is None else f" ({mod.__name__} has no sweep)")}
+        b.data["sweep"] = {"status": "not available" + ("" if mod is None else f" ({mod.__name__} has no sweep)")
+                           + ("" if b.device.type == "cuda" else " (needs CUDA)")}
         b.save()
         return
     budget = min(90.0, b.left() - 5)
