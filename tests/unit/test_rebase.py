@@ -255,3 +255,10 @@ def test_gen_with_an_exported_delta_lora_equals_the_rebased_file(world, tmp_path
                                     out=str(tmp_path / f"{name}.png"), pipe=pipe, progress=False, device="cpu")
         imgs.append(np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(res.path), dtype=int))
     assert np.abs(imgs[0] - imgs[1]).max() <= 1
+
+
+def test_python_api_names(world):
+    import clear_cli
+
+    w = clear_cli.rebase(clear_cli.load_attention_weights(world["s_path"]), "tiny-random")
+    assert w.deltas and clear_cli.apply_attention_weights.__module__ == "clear_cli.models.weights"
