@@ -4,7 +4,6 @@ base's projections read from every kind of source, refusals that name --base, an
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
