@@ -16,6 +16,8 @@ _API = {
     "unlinearize": "clear_cli.attention.linearize",
     "generate": "clear_cli.jobs.generate",
     "load_attention_weights": "clear_cli.models.weights",
+    "apply_attention_weights": "clear_cli.models.weights",
+    "rebase": "clear_cli.models.rebase",
     "export": "clear_cli.jobs.export",
     "synth": "clear_cli.jobs.synth",
     "evaluate": "clear_cli.jobs.evaluate",

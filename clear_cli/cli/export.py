@@ -21,8 +21,12 @@ def export_cmd(
     energy: float | None = typer.Option(None, "--energy", help="Instead of --rank: per layer, the smallest rank "
                                                                "keeping this share of squared singular values "
                                                                "(0-1]; 1 = exact."),
-    model: str | None = typer.Option(None, "--model", help="Base model the delta is taken against (default: the "
-                                                           f"weights' base_model, else {DEFAULT_MODEL})."),
+    model: str | None = typer.Option(None, "--model", help="Model the export is for (default: the one the weights "
+                                                           f"were trained from: their base_model, {DEFAULT_MODEL} "
+                                                           "for published files)."),
+    base: str | None = typer.Option(None, "--base", help="Model the weights were trained from when --model is a "
+                                                         "derivative of it: the delta is taken against it (a LoRA "
+                                                         "then stacks on the derivative)."),
     out: Path | None = typer.Option(None, "--out", help="Output file (default clear_lora.safetensors; "
                                                         "clear_attn_full.safetensors for full, "
                                                         "clear_lora_comfy.safetensors for comfy)."),
@@ -35,7 +39,7 @@ def export_cmd(
     """Export attention weights as a LoRA for diffusers or ComfyUI, or as a full attention file (docs/formats.md)."""
     from clear_cli.jobs.export import export
 
-    result = export(weights, format=format.lower(), rank=rank, energy=energy, model=model, out=out,
+    result = export(weights, format=format.lower(), rank=rank, energy=energy, model=model, base=base, out=out,
                     overwrite=overwrite, window=window, down_factor=down_factor, device=device)
     for line in result.summary_lines():
         print(line)
@@ -44,7 +48,10 @@ def export_cmd(
         print("ComfyUI: put it in models/loras, apply it with LoraLoaderModelOnly, then the CLEAR Attention node "
               f"with this file and apply_weights off ({geometry} from the file; docs/comfyui.md)")
     else:
-        print(f"use: clear gen PROMPT --weights {result.path} (diffusers: docs/formats.md)")
+        on = ""
+        if result.model and result.model != result.base_model:
+            on = f" --model {result.model}" + (f" --base {result.base_model}" if result.format == "lora" else "")
+        print(f"use: clear gen PROMPT --weights {result.path}{on} (diffusers: docs/formats.md)")
 
 
 def register(app: typer.Typer) -> None:

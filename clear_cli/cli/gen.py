@@ -27,6 +27,10 @@ def register(app: typer.Typer) -> None:
                                               "safetensors. Without: zero-shot."),
         force: bool = typer.Option(False, "--force", help="Run even if --window/--down-factor clash with the "
                                    "weights."),
+        base: Optional[str] = typer.Option(None, "--base", help="Model the --weights were trained from when "
+                                           "--model is a derivative of it (schnell, Krea, a fine-tune): they "
+                                           "apply as a delta onto its own projections. Hub id, folder, tiny, or "
+                                           "REPO:FILE of its transformer."),
         model: str = typer.Option(DEFAULT_MODEL, "--model", help=MODEL_HELP),
         steps: Optional[int] = typer.Option(None, "--steps", help="Steps of the base (or direct) stage. "
                                             f"[default: {default_text('steps')}]"),
@@ -71,7 +75,7 @@ def register(app: typer.Typer) -> None:
         from clear_cli.jobs.generate import GenConfig, generate
 
         cfg = GenConfig(out=out, res=res, window=window, down_factor=down_factor, weights=weights, force=force,
-                        model=model, steps=steps, refine_steps=refine_steps, guidance=guidance,
+                        base=base, model=model, steps=steps, refine_steps=refine_steps, guidance=guidance,
                         refine_guidance=refine_guidance, seed=seed, num_images=num_images, base_res=base_res,
                         upscale=upscale, strength=strength, ntk_factor=ntk_factor, cascade=cascade, compare=compare,
                         offload=offload, device=device, dtype=dtype, overwrite=overwrite, backend=backend,

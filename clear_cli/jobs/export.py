@@ -52,8 +52,10 @@ class ExportConfig:
     format: str = doc("lora", "lora (diffusers/PEFT keys), full (published layout) or comfy (ComfyUI's FLUX layout)")
     rank: int | None = doc(None, f"fixed LoRA rank per layer (clamped to the layer's size); default {DEFAULT_RANK}")
     energy: float | None = doc(None, "instead of --rank: smallest rank keeping this share of squared singular values")
-    model: str | None = doc(None, "base model the delta is taken against; default: the weights' base_model metadata, "
-                                  f"else {DEFAULT_MODEL}")
+    model: str | None = doc(None, "model the export is for; default: the model the weights were trained from (their "
+                                  f"base_model metadata, {DEFAULT_MODEL} for published files)")
+    base: str | None = doc(None, "model the weights were trained from when --model is another (a derivative): the "
+                                 "delta is taken against it")
     out: str | None = doc(None, "output file; default clear_lora.safetensors (lora), clear_attn_full.safetensors "
                                 "(full), clear_lora_comfy.safetensors (comfy)")
     overwrite: bool = doc(False, "replace an existing output file")
@@ -83,6 +85,9 @@ class ExportResult:
     window: int
     down_factor: int
     base_model: str
+    """the model the delta is taken against"""
+    model: str = ""
+    """the model the export is for (the base, unless --model names a derivative)"""
     layers: list[LayerReport] = field(default_factory=list)
     tensors: int = 0
     pools: int = 0
@@ -91,7 +96,11 @@ class ExportResult:
 
     def summary_lines(self) -> list[str]:
         size = _human_size(self.size_bytes)
-        lines = [f"wrote {self.path} ({self.format}, {size}, {self.tensors} tensors) for base {self.base_model}, "
+        base = f"base {self.base_model}"
+        if self.model and self.model != self.base_model:
+            base = (f"{self.model} (its projections + the delta against {self.base_model})" if self.format == "full"
+                    else f"{self.model} (delta against {self.base_model})")
+        lines = [f"wrote {self.path} ({self.format}, {size}, {self.tensors} tensors) for {base}, "
                  f"window {self.window}, down_factor {self.down_factor}"]
         if self.layers:
             ranks = sorted(r.rank for r in self.layers)
@@ -193,21 +202,6 @@ def _weights_dtype(w) -> torch.dtype:
     return torch.float32
 
 
-def _student(w, transformer: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(full attention tensors under the transformer's keys, pooling weights under theirs), checked against it."""
-    from clear_cli.models.weights import POOL_SUFFIX, materialize
-
-    pools = {k: v for k, v in w.tensors.items() if k.endswith(POOL_SUFFIX)}
-    rest = {k: v for k, v in w.tensors.items() if k not in pools}
-    modules = dict(transformer.named_modules())
-    missing = [k for k in pools if k[: -len(POOL_SUFFIX)] not in modules]
-    if missing:
-        raise ClearError(f"weights {w.path.name} do not fit this model: pooling weights for attention layers it "
-                         f"does not have ({', '.join(missing[:2])})", "were they made for another model?")
-    full = materialize(transformer, dataclasses.replace(w, tensors=rest))
-    return full, pools
-
-
 def _modules_of(full: dict[str, torch.Tensor], w_name: str) -> dict[str, dict[str, torch.Tensor]]:
     """Group tensors by module ({module: {"weight": ..., "bias": ...}}); refuse what a LoRA cannot carry."""
     out: dict[str, dict[str, torch.Tensor]] = {}
@@ -236,8 +230,8 @@ def _lora_tensors(modules, base, cfg: ExportConfig, dtype, device, progress: boo
     unchanged: list[str] = []
     for module in tqdm(sorted(modules), desc="SVD", unit="layer", disable=not progress or None, leave=False):
         parts = modules[module]
-        w_new = parts.get("weight", base[f"{module}.weight"])
         w_old = base[f"{module}.weight"]
+        w_new = parts.get("weight", w_old)
         dw = w_new.float() - w_old.float()
         db = parts["bias"].float() - base[f"{module}.bias"].float() if "bias" in parts else None
         if not dw.any() and (db is None or not db.any()):
@@ -251,6 +245,11 @@ def _lora_tensors(modules, base, cfg: ExportConfig, dtype, device, progress: boo
             tensors[f"{LORA_PREFIX}{module}.lora_B.bias"] = db.to(dtype)
         layers.append(LayerReport(module, r, min(dw.shape), err, werr))
     return tensors, layers, unchanged
+
+
+def _rows(base, key: str) -> int:
+    """Output rows of a base weight, from the file header where it can (`rebase.Projections`)."""
+    return int(base.shape(key)[0] if hasattr(base, "shape") else base[key].shape[0])
 
 
 def _comfy_groups(modules, base) -> dict[str, list[tuple[str | None, int]]]:
@@ -271,13 +270,13 @@ def _comfy_groups(modules, base) -> dict[str, list[tuple[str | None, int]]]:
         attn = next(iter(slots.values()))
         if name.endswith(("_qkv", "_linear1")):
             projs = ("add_q_proj", "add_k_proj", "add_v_proj") if "_txt_attn_" in name else ("to_q", "to_k", "to_v")
-            segs: list[tuple[str | None, int]] = [(attn + p, base[f"{attn}{p}.weight"].shape[0]) for p in projs]
+            segs: list[tuple[str | None, int]] = [(attn + p, _rows(base, f"{attn}{p}.weight")) for p in projs]
             if name.endswith("_linear1"):  # the mlp input rows ComfyUI fuses after q, k, v
                 block = attn[: -len("attn.")]
-                segs.append((None, base[f"{block}proj_mlp.weight"].shape[0]))
+                segs.append((None, _rows(base, f"{block}proj_mlp.weight")))
         else:
             proj = "to_add_out" if "_txt_attn_" in name else "to_out.0"
-            segs = [(attn + proj, base[f"{attn}{proj}.weight"].shape[0])]
+            segs = [(attn + proj, _rows(base, f"{attn}{proj}.weight"))]
         out[name] = segs
     return out
 
@@ -299,7 +298,7 @@ def _comfy_tensors(modules, base, cfg: ExportConfig, dtype, device, progress: bo
                 dbs.append(torch.zeros(rows))
                 continue
             old_w = base[f"{module}.weight"].float()
-            new_w = modules.get(module, {}).get("weight", base[f"{module}.weight"]).float()
+            new_w = modules[module]["weight"].float() if "weight" in modules.get(module, {}) else old_w
             n_in = old_w.shape[1]
             dws.append(new_w - old_w)
             news.append(new_w)
@@ -329,49 +328,58 @@ def _comfy_tensors(modules, base, cfg: ExportConfig, dtype, device, progress: bo
 # ----------------------------------------------------------------------------------------------- entry point
 
 def export(weights: str | os.PathLike, format: str = "lora", *, rank: int | None = None, energy: float | None = None,
-           model: str | None = None, out: str | os.PathLike | None = None, overwrite: bool = False,
-           window: int | None = None, down_factor: int | None = None, device: str = "auto",
+           model: str | None = None, base: str | None = None, out: str | os.PathLike | None = None,
+           overwrite: bool = False, window: int | None = None, down_factor: int | None = None, device: str = "auto",
            progress: bool = True) -> ExportResult:
     """Export attention weights (ours, published or our LoRA) as a LoRA, a full attention file or a ComfyUI LoRA.
 
-    The delta is taken against `model` (default: the weights' base_model metadata, else FLUX.1-dev), loaded with
-    `load_pipeline`; the output is written atomically and never replaces a file unless `overwrite`.
+    The delta is taken against the model the weights were trained from (their base_model metadata, FLUX.1-dev for
+    published files; `base` when `model` names a derivative), whose attention tensors alone are read
+    (`clear_cli.models.rebase.projections`). `--format full` for a derivative writes its own projections plus that
+    delta. The output is written atomically and never replaces a file unless `overwrite`.
     Returns what was written (layers with rank and error, file size); raises ClearError/UsageError on bad input.
     """
     from clear_cli.devices import resolve_device
-    from clear_cli.models import load_pipeline
+    from clear_cli.models.rebase import export_plan, projections, same_model, student_tensors
     from clear_cli.models.weights import (
         load_attention_weights, pool_key, resolve_geometry, save_attention_weights,
     )
 
-    cfg = check_options(ExportConfig(format=format, rank=rank, energy=energy, model=model,
+    cfg = check_options(ExportConfig(format=format, rank=rank, energy=energy, model=model, base=base,
                                      out=None if out is None else str(out), overwrite=overwrite, window=window,
                                      down_factor=down_factor, device=device))
     dev = resolve_device(cfg.device)
     w = load_attention_weights(weights)
     win, f = resolve_geometry(w, cfg.window, cfg.down_factor)
-    base_name = cfg.model or w.base_model or DEFAULT_MODEL
+    base_name, target = export_plan(w, cfg.model, cfg.base)
     dtype = _weights_dtype(w)
-    pipe = load_pipeline(base_name, dtype=dtype)
-    transformer = pipe.transformer
-    full, pools = _student(w, transformer)
+    # Only the base's attention tensors (and the mlp rows ComfyUI fuses into linear1), read one at a time.
+    base = projections(base_name, dtype=dtype)
+    full, pools = student_tensors(w, base, dtype)
     if f > 1 and not pools:
         raise ClearError(f"weights {w.path.name}: down_factor {f} but no pooling weights in the file",
                          "export from the file distillation wrote, which holds them")
-    # Only what the deltas need (attention layers, and the mlp rows ComfyUI fuses into linear1); the rest goes.
-    base = {k: v.detach().cpu() for k, v in transformer.state_dict().items() if ".attn." in k or ".proj_mlp." in k}
-    del pipe, transformer
+    own = same_model(target, base_name)
+    if not own:  # the derivative must share the base's architecture: its shapes (headers only) are checked
+        target_src = projections(target, dtype=dtype)
+        student_tensors(dataclasses.replace(w, tensors={**full, **pools}, lora={}, deltas={}), target_src, dtype)
 
     meta: dict[str, object] = {
         "format": cfg.format, "window": win, "down_factor": f, "base_model": base_name,
         "source": w.path.name, "source_sha256": w.sha256,
     }
+    if not own:
+        meta["model"] = target
     for key in ("steps", "recipe_hash"):
         if w.metadata.get(key):
             meta[key] = w.metadata[key]
     layers: list[LayerReport] = []
     unchanged: list[str] = []
     if cfg.format == "full":
+        if not own:  # absolute projections for the derivative: its own + (student - base)
+            full = {k: (target_src[k].to(torch.float32) + v.to(torch.float32) - base[k].to(torch.float32)).to(v.dtype)
+                    for k, v in full.items()}
+            meta.update(base_model=target, delta_base=base_name)
         tensors = {**full, **pools}
     else:
         modules = _modules_of(full, w.path.name)
@@ -379,7 +387,7 @@ def export(weights: str | os.PathLike, format: str = "lora", *, rank: int | None
         tensors, layers, unchanged = make(modules, base, cfg, dtype, dev, progress)
         if not tensors and not pools:
             raise ClearError(f"weights {w.path.name} equal the base model {base_name}: there is no delta to export",
-                             "check --model (the delta is taken against it)")
+                             "check --base or the weights' base_model (the delta is taken against it)")
         tensors.update({pool_key(k): v for k, v in pools.items()})
         meta.update({
             "rank": cfg.rank, "energy": cfg.energy,
@@ -389,7 +397,8 @@ def export(weights: str | os.PathLike, format: str = "lora", *, rank: int | None
         })
     path = save_attention_weights(cfg.out, tensors, meta)
     return ExportResult(path=path, format=cfg.format, size_bytes=path.stat().st_size, window=win, down_factor=f,
-                        base_model=base_name, layers=layers, tensors=len(tensors), pools=len(pools),
+                        base_model=base_name, model=target, layers=layers, tensors=len(tensors), pools=len(pools),
                         unchanged=unchanged)
+
 
 

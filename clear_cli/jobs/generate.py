@@ -51,6 +51,8 @@ class GenConfig:
     down_factor: int | None = doc(None, "down-sampling factor f (default: from the weights, else 1)")
     weights: str | None = doc(None, "attention weights: file, LoRA, published checkpoint, or REPO:FILE on the hub")
     force: bool = doc(False, "run even when --window/--down-factor clash with the weights")
+    base: str | None = doc(None, "model the weights were trained from when --model is another (a derivative): "
+                                 "applied as a delta (weights minus base) onto --model's own projections")
     model: str = doc(DEFAULT_MODEL, "hub id, local diffusers dir, tiny or tiny-random")
     steps: int | None = doc(None, f"denoising steps of the base (or direct) stage (default {default_text('steps')})")
     refine_steps: int | None = doc(None, "schedule length of refinement stages; each runs round(steps*strength) "
@@ -195,6 +197,8 @@ def _validate(cfg: GenConfig) -> None:
         (cfg.ntk_factor is not None and not cfg.ntk_factor > 0, f"--ntk-factor {cfg.ntk_factor} must be > 0",
          "1 turns NTK scaling off"),
         (cfg.seed < 0, f"--seed {cfg.seed} must be >= 0", None),
+        (cfg.base is not None and not cfg.weights, "--base names the model the --weights were trained from",
+         "pass --weights too, or drop --base"),
     ]
     for bad, msg, hint in checks:
         if bad:
@@ -269,9 +273,10 @@ def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, p
         warn("no --weights: CLEAR runs zero-shot; quality needs distilled weights (clear distill, or a published "
              "checkpoint such as --weights Huage001/CLEAR:clear_local_16.safetensors)")
     else:
+        from clear_cli.models.rebase import for_model
+
+        weights = for_model(weights, cfg.model, cfg.base, warn=warn)  # another base: refused, or a delta (--base)
         say(f"weights: {weights.describe()}")
-        if weights.base_model and weights.base_model != cfg.model:
-            warn(f"the weights were made for {weights.base_model}, the model is {cfg.model}")
 
     from clear_cli import __version__
     from clear_cli.models import load_pipeline, text_len
@@ -302,6 +307,7 @@ def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, p
         "model": cfg.model, "window": window, "down_factor": down,
         "weights": weights.source if weights else "none (zero-shot)",
         "weights_sha256": weights.sha256 if weights else "",
+        "weights_base": cfg.base,
         "steps": steps, "refine_steps": refine_steps if len(stages) > 1 else None, "guidance": cfg.guidance,
         "refine_guidance": cfg.refine_guidance if len(stages) > 1 else None,
         "strength": cfg.strength if len(stages) > 1 else None, "size": f"{w}x{h}", "software": f"clear-dit {__version__}",

@@ -335,7 +335,7 @@ def check_weights(weights, arch: Arch | None, model: str) -> None:
     state = {k: tuple(v.shape) for k, v in arch.transformer.state_dict().items()}
     modules = dict(arch.transformer.named_modules())
     bad: list[str] = []
-    for k, v in weights.tensors.items():
+    for k, v in {**weights.tensors, **getattr(weights, "deltas", {})}.items():
         if k.endswith(POOL_SUFFIX):
             continue  # pooling weights live in the CLEAR processors; their shape follows down_factor
         if k not in state:

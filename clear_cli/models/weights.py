@@ -99,6 +99,9 @@ class AttnWeights:
     """module path (e.g. ``transformer_blocks.0.attn.to_q``) -> delta; LoRA files only"""
     origin: dict[str, str] = field(default_factory=dict)
     """where window / down_factor came from: metadata, file name, pooling weights' shape"""
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    """full-size deltas under the transformer's keys, added to the model's own values (weights rebased onto a
+    derivative: student minus the base they were trained from; `clear_cli.models.rebase`)"""
 
     @property
     def short_hash(self) -> str:
@@ -106,9 +109,10 @@ class AttnWeights:
 
     def describe(self) -> str:
         geo = f"window {self.window if self.window is not None else '?'}, down_factor {self.down_factor or '?'}"
-        n = len(self.lora) if self.kind == "lora" else len(self.tensors)
+        n = len(self.lora) if self.kind == "lora" else len(self.tensors) + len(self.deltas)
         what = "LoRA modules" if self.kind == "lora" else "tensors"
-        return f"{self.kind} weights {self.path.name} ({n} {what}, {geo}, sha256 {self.short_hash})"
+        delta = f", as a delta against {self.base_model}" if self.deltas else ""
+        return f"{self.kind} weights {self.path.name} ({n} {what}, {geo}{delta}, sha256 {self.short_hash})"
 
 
 # ----------------------------------------------------------------------------------------------- locating
@@ -369,9 +373,11 @@ def _modules(transformer: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def materialize(transformer: torch.nn.Module, weights: AttnWeights) -> dict[str, torch.Tensor]:
-    """Full tensors under the transformer's keys; a LoRA is added to the transformer's *current* weights.
+    """Full tensors under the transformer's keys; a LoRA (and `deltas`) is added to the transformer's *current*
+    weights.
 
-    Call it while the transformer holds the base weights the LoRA was made against. Checks every key and shape.
+    Call it while the transformer holds the base weights the LoRA was made against (for deltas: the model's own
+    weights, which the delta moves as distillation moved the base's). Checks every key and shape.
     """
     state = transformer.state_dict()
     out: dict[str, torch.Tensor] = {}
@@ -398,6 +404,16 @@ def materialize(transformer: torch.nn.Module, weights: AttnWeights) -> dict[str,
         if bad:
             raise ClearError(f"LoRA {weights.path.name} does not fit this model: {_few(bad)}",
                              "was it exported for another base model?")
+    if weights.deltas:
+        bad = [f"{k} (no such tensor)" if k not in state else f"{k} (model {list(state[k].shape)}, delta "
+               f"{list(d.shape)})" for k, d in weights.deltas.items()
+               if k not in state or tuple(state[k].shape) != tuple(d.shape)]
+        if bad:
+            raise ClearError(f"weights {weights.path.name} (a delta against {weights.base_model}) do not fit this "
+                             f"model: {_few(bad)}", "the model must share its base's architecture")
+        for k, d in weights.deltas.items():
+            t = state[k]
+            out[k] = (t.detach().to("cpu", torch.float32) + d.to(torch.float32)).to(t.dtype)
     missing = [k for k in weights.tensors if k not in state]
     if missing:
         pool = [k for k in missing if k.endswith(POOL_SUFFIX)]

@@ -97,7 +97,7 @@ def test_bad_files_one_line_no_output(cli, tmp_path):
                            {"window": 2, "down_factor": 1, "base_model": "tiny-random"})
     before = {p.name for p in tmp_path.iterdir()}
     for path, needle in ((text, "not a readable safetensors"), (other, "not an attention-weight file"),
-                         (wide, "do not fit this model"), (tmp_path / "missing.safetensors", "does not exist")):
+                         (wide, "do not fit tiny-random"), (tmp_path / "missing.safetensors", "does not exist")):
         code, _, err = cli("export", str(path), "--model", "tiny-random", "--out", str(tmp_path / "x.safetensors"))
         assert code != 0 and err.startswith("error: ") and err.strip().count("\n") == 0 and needle in err, err
         _no_leftovers(tmp_path, before)

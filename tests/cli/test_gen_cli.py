@@ -158,13 +158,18 @@ def test_gen_published_down_factor_file(cli, tmp_path, tiny_random_pipe):
         tensors[f"transformer.{blk}.attn.processor.spatial_weight"] = torch.full((1, 1, 1, 4, 1, 4, 1), 1 / 16)
     path = tmp_path / "clear_local_8_down_4.safetensors"
     save_file(tensors, str(path))
-    code, out, err = cli("gen", "a cat", "--res", "64", *FAST, "--weights", str(path), "--out", str(tmp_path / "p.png"))
+    code, _, err = cli("gen", "a cat", "--res", "64", *FAST, "--weights", str(path), "--out", str(tmp_path / "p.png"))
+    # published files were distilled from FLUX.1-dev: on another model they need --base (here it stands in for dev)
+    assert code == 2 and "trained from black-forest-labs/FLUX.1-dev" in err and "--base" in err
+    assert err.strip().count("\n") == 0 and not (tmp_path / "p.png").exists()
+    code, out, err = cli("gen", "a cat", "--res", "64", *FAST, "--weights", str(path), "--base", "tiny-random",
+                         "--out", str(tmp_path / "p.png"))
     assert code == 0, err
     assert "published weights clear_local_8_down_4.safetensors" in out and "CLEAR r=8 f=4" in out
     info = _png(tmp_path / "p.png").text
     assert (info["window"], info["down_factor"]) == ("8", "4")
     code, _, err = cli("gen", "a cat", "--res", "64", *FAST, "--weights", str(path), "--down-factor", "1",
-                       "--out", str(tmp_path / "q.png"))
+                       "--base", "tiny-random", "--out", str(tmp_path / "q.png"))
     assert code == 2 and "--down-factor 1 clashes" in err and "file name" in err
 
 

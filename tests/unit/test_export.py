@@ -186,8 +186,14 @@ def test_published_checkpoint_becomes_a_lora(tmp_path):
     """The authors' files: no metadata, `transformer.`-less keys, r and f from the file name."""
     from clear_cli.models.weights import load_attention_weights
 
+    from clear_cli.errors import UsageError
+
     pub = _make_student(tmp_path / f"clear_local_{WINDOW}_down_4.safetensors", 4, metadata=False, seed=3)
-    res = export(pub, "lora", rank=8, model="tiny-random", out=tmp_path / "pub_lora.safetensors", progress=False)
+    with pytest.raises(UsageError) as e:  # published files were distilled from FLUX.1-dev: another model says so
+        export(pub, "lora", rank=8, model="tiny-random", out=tmp_path / "no.safetensors", progress=False)
+    assert "trained from black-forest-labs/FLUX.1-dev" in str(e.value) and "--base" in e.value.one_line()
+    # here tiny-random stands in for FLUX.1-dev: --base names what they were trained from
+    res = export(pub, "lora", rank=8, base="tiny-random", out=tmp_path / "pub_lora.safetensors", progress=False)
     w = load_attention_weights(res.path)
     assert (w.kind, w.window, w.down_factor, w.base_model) == ("lora", WINDOW, 4, "tiny-random")
     assert {d.rank for d in w.lora.values()} == {8} and len(w.tensors) == 4
