@@ -24,6 +24,8 @@ TINY_MODELS = ("tiny", "tiny-random")  # the built-in tiny FLUX, trained and ran
 TINY_BASE_RES = 128  # the size the built-in tiny FLUX trains at (docs/tiny.md)
 RANDOM_MODELS = ("flux-dev-random",)  # FLUX.1-dev's architecture with seeded random weights (models/flux_dev.py)
 BUILTIN_MODELS = TINY_MODELS + RANDOM_MODELS
+# The built-in tiny Wan (a video model: WanPipeline, not FLUX), trained and random (clear_cli/models/tiny_wan.py)
+TINY_VIDEO_MODELS = ("tiny-wan", "tiny-wan-random")
 
 
 @dataclass(frozen=True)
