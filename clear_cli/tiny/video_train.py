@@ -44,14 +44,14 @@ class TinyWanTrainConfig:
     seed: int = doc(0, "seed of the model init, the clips, the noise and every batch")
     size: int = doc(64, "frame size of the training clips in pixels (multiple of 8)")
     frames: int = doc(13, "frames per training clip (4k + 1)")
-    vae_steps: int = doc(1000, "VAE optimizer steps")
+    vae_steps: int = doc(800, "VAE optimizer steps")
     vae_batch: int = doc(2, "VAE batch (5-frame windows)")
     vae_crop: int = doc(64, "VAE crop in pixels around the shape (64: whole frames; 32 px crops left box artefacts at 64)")
-    vae_lr: float = doc(5e-3, "VAE learning rate (AdamW, 30 warmup steps, cosine to 10%)")
+    vae_lr: float = doc(3e-3, "VAE learning rate (AdamW, 30 warmup steps, cosine to 10%)")
     kl_weight: float = doc(1e-6, "KL weight of the VAE (very small: decode from the mean)")
     object_weight: float = doc(4.0, "loss weight of shape pixels / tokens vs background (the shape is small)")
     cache_size: int = doc(1024, "clips encoded once to latents for the transformer stage")
-    steps: int = doc(1500, "transformer optimizer steps")
+    steps: int = doc(1200, "transformer optimizer steps")
     batch: int = doc(32, "transformer batch (clips)")
     lr: float = doc(2e-3, "transformer learning rate (AdamW, warmup then cosine to 10%)")
     warmup: int = doc(50, "transformer warmup steps")
@@ -86,9 +86,23 @@ def recon_loss(rec: torch.Tensor, x: torch.Tensor, weight: float) -> torch.Tenso
     return (w * (rec - x) ** 2).mean() + 0.5 * (w * (rec - x).abs()).mean()
 
 
+def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
+    """AutoencoderKLWan.decode without its final clamp to [-1, 1], for training: black (-1) sits on the clamp, and
+    a decoder that overshoots below it gets no gradient anywhere; it collapsed to all-black in 200 steps."""
+    vae.clear_cache()
+    x = vae.post_quant_conv(z)
+    frames = []
+    for i in range(z.shape[2]):
+        vae._conv_idx = [0]  # the decoder's causal cache is filled frame by frame, as in `decode`
+        frames.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                  first_chunk=i == 0))
+    vae.clear_cache()
+    return torch.cat(frames, 2)
+
+
 def vae_loss(vae, x: torch.Tensor, kl_weight: float, object_weight: float) -> tuple[torch.Tensor, float]:
     post = vae.encode(x).latent_dist
-    rec = vae.decode(post.mean).sample
+    rec = decode_unclamped(vae, post.mean)
     loss = recon_loss(rec, x, object_weight) + kl_weight * post.kl().mean() / x[0].numel()
     return loss, float(F.mse_loss(rec, x).detach())
 

@@ -69,7 +69,10 @@ def test_window_rule_and_uniform_baseline():
     dt, dy, dx = vc.grid_distances(3, 4, 5)
     assert dt.shape == (60, 60)
     same = vc.window_mask(dt, dy, dx, 2, 0)
-    assert not same[dt > 0].any() and same[(dt == 0) & (dy + dx <= 1)].all() and not same[dy + dx > 1].any()
+    torch.testing.assert_close(same, (dt == 0) & (dy <= 1) & (dx <= 1))  # r = 2: dy^2 + dx^2 < 4, one frame
+    near = vc.window_mask(dt, dy, dx, 2, 2)  # r_t = 2 adds the neighbouring frames, not dt = 2
+    torch.testing.assert_close(near, (dt <= 1) & (dt ** 2 / 4 + (dy ** 2 + dx ** 2) / 4 < 1))
+    assert near[(dt == 1) & (dy == 0) & (dx == 0)].all() and not near[dt == 2].any()
     assert vc.window_mask(dt, dy, dx, 100, 100).all()  # a window larger than the volume is dense
     u = vc.uniform_locality((4, 8, 8))
     assert u["dt"] == pytest.approx(1.25) and 0 < u["2,0"] < u["3,0"] < u["3,2"] < 1
@@ -172,3 +175,15 @@ def test_bad_settings_and_models_are_refused(tmp_path):
     with pytest.raises(ClearError, match="neither"):
         vc.load(str(tmp_path / "missing.safetensors"))
     assert HELD_OUT_SEED > vs.TRAIN_SEEDS
+
+
+def test_training_decode_is_the_pipeline_decode_unclamped():
+    from clear_cli.models import tiny_wan
+    from clear_cli.tiny.video_train import decode_unclamped
+
+    vae = tiny_wan.build_components()["vae"]
+    z = torch.randn(2, 16, 3, 4, 4)
+    with torch.no_grad():
+        stock, mine = vae.decode(z).sample, decode_unclamped(vae, z)
+    assert mine.shape == stock.shape == (2, 3, 9, 32, 32)
+    torch.testing.assert_close(mine.clamp(-1, 1), stock)
