@@ -44,7 +44,7 @@ class TinyWanTrainConfig:
     seed: int = doc(0, "seed of the model init, the clips, the noise and every batch")
     size: int = doc(64, "frame size of the training clips in pixels (multiple of 8)")
     frames: int = doc(13, "frames per training clip (4k + 1)")
-    vae_steps: int = doc(800, "VAE optimizer steps")
+    vae_steps: int = doc(1500, "VAE optimizer steps")
     vae_batch: int = doc(2, "VAE batch (5-frame windows)")
     vae_crop: int = doc(64, "VAE crop in pixels around the shape (64: whole frames; 32 px crops left box artefacts at 64)")
     vae_lr: float = doc(3e-3, "VAE learning rate (AdamW, 30 warmup steps, cosine to 10%)")
@@ -329,6 +329,16 @@ def load_checkpoint(components: dict[str, Any], path: str | Path) -> dict[str, A
     components["vae"].register_to_config(latents_mean=json.loads(meta["latents_mean"]),
                                          latents_std=json.loads(meta["latents_std"]))
     return components
+
+
+def export_checkpoint(path: str | Path, out: str | Path) -> Path:
+    """Write a run's `checkpoints/wan_N.safetensors` (EMA weights, the run's VAE and latent statistics) as a
+    tiny_wan.safetensors, e.g. to ship a run stopped at a time limit."""
+    comps = load_checkpoint(tiny_wan.build_components(), path)
+    out = Path(out)
+    tiny_wan.save_trained(comps, out, metadata={"checkpoint": Path(path).name, "command": "clear tiny video-train",
+                                                "format": "clear-tiny-wan-1", "torch": torch.__version__})
+    return out
 
 
 def config_from_options(**overrides: Any) -> TinyWanTrainConfig:

@@ -152,6 +152,11 @@ def test_training_resumes_exactly(tmp_path):
     assert [r["step"] for r in rows if r["stage"] == "wan"] == [1, 2, 3, 4]
     with pytest.raises(ClearError, match="other settings"):
         train(tmp_path / "b", config_from_options(**{**SMALL, "steps": 6}), progress=False, resume="auto")
+    # the last checkpoint, exported, is the result (its EMA weights, the run's VAE and statistics)
+    from clear_cli.tiny.video_train import export_checkpoint
+
+    ex = load_file(str(export_checkpoint(tmp_path / "a" / "checkpoints" / "wan_000004.safetensors", tmp_path / "x.st")))
+    assert ex.keys() == wa.keys() and all(torch.equal(ex[k], wa[k]) for k in wa)
     # the file loads back into the pipeline, with the run's latent statistics
     from clear_cli.models import tiny_wan
 
