@@ -44,14 +44,16 @@ class TinyWanTrainConfig:
     seed: int = doc(0, "seed of the model init, the clips, the noise and every batch")
     size: int = doc(64, "frame size of the training clips in pixels (multiple of 8)")
     frames: int = doc(13, "frames per training clip (4k + 1)")
-    vae_steps: int = doc(1500, "VAE optimizer steps")
-    vae_batch: int = doc(2, "VAE batch (5-frame windows)")
+    vae_steps: int = doc(600, "VAE optimizer steps")
+    vae_batch: int = doc(2, "VAE batch (windows of vae_frames frames)")
+    vae_frames: int = doc(9, "VAE window in frames: 9 = the first frame + 2 causal chunks (5 never trained chunk 3 on)")
     vae_crop: int = doc(64, "VAE crop in pixels around the shape (64: whole frames; 32 px crops left box artefacts at 64)")
     vae_lr: float = doc(3e-3, "VAE learning rate (AdamW, 30 warmup steps, cosine to 10%)")
     kl_weight: float = doc(1e-6, "KL weight of the VAE (very small: decode from the mean)")
-    object_weight: float = doc(4.0, "loss weight of shape pixels / tokens vs background (the shape is small)")
+    vae_object_weight: float = doc(4.0, "VAE loss weight of shape pixels vs black (16 flooded the frames)")
+    object_weight: float = doc(4.0, "flow-loss weight of tokens the shape covers vs background (the shape is small)")
     cache_size: int = doc(1024, "clips encoded once to latents for the transformer stage")
-    steps: int = doc(1200, "transformer optimizer steps")
+    steps: int = doc(800, "transformer optimizer steps")
     batch: int = doc(32, "transformer batch (clips)")
     lr: float = doc(2e-3, "transformer learning rate (AdamW, warmup then cosine to 10%)")
     warmup: int = doc(50, "transformer warmup steps")
@@ -108,19 +110,20 @@ def vae_loss(vae, x: torch.Tensor, kl_weight: float, object_weight: float) -> tu
 
 
 def _vae_batch(cfg: TinyWanTrainConfig, step: int) -> torch.Tensor:
-    """5-frame windows of training clips, cropped around the shape's centre in the window's middle frame."""
+    """`vae_frames`-frame windows of training clips, cropped around the shape's centre in the middle frame."""
     rng = _rng(cfg, 1, step)
     seeds = rng.integers(0, vs.TRAIN_SEEDS, size=cfg.vae_batch)
     clips = [vs.sample_clip(int(s), cfg.frames) for s in seeds]
     video = vs.render(clips, cfg.size, cfg.frames)
     c, hi, out = cfg.vae_crop, cfg.size - cfg.vae_crop, []
     for i, clip in enumerate(clips):
-        t0 = int(rng.integers(0, cfg.frames - 4))
-        cx, cy = vs.centers(clip, cfg.frames)[t0 + 2] * cfg.size
+        n = min(cfg.vae_frames, cfg.frames)
+        t0 = int(rng.integers(0, cfg.frames - n + 1))
+        cx, cy = vs.centers(clip, cfg.frames)[t0 + n // 2] * cfg.size
         jy, jx = rng.integers(-c // 4, c // 4 + 1, size=2)
         y = min(max(int(cy) + int(jy) - c // 2, 0), hi)
         x = min(max(int(cx) + int(jx) - c // 2, 0), hi)
-        out.append(video[i, t0:t0 + 5, y:y + c, x:x + c])
+        out.append(video[i, t0:t0 + n, y:y + c, x:x + c])
     return to_video(np.stack(out))
 
 
@@ -167,6 +170,8 @@ def _check_cfg(cfg: TinyWanTrainConfig) -> None:
         raise UsageError(f"--size must be a multiple of 8 and at least 32, got {cfg.size}")
     if cfg.frames % 4 != 1 or cfg.frames < 5:
         raise UsageError(f"--frames must be 4k + 1 and at least 5 (the Wan VAE compresses time by 4), got {cfg.frames}")
+    if cfg.vae_frames % 4 != 1:
+        raise UsageError(f"vae_frames must be 4k + 1, got {cfg.vae_frames}")
     if cfg.vae_crop > cfg.size or cfg.vae_crop % 8:
         raise UsageError(f"vae_crop must be a multiple of 8 and at most --size, got {cfg.vae_crop}")
 
@@ -232,7 +237,7 @@ def train(out: str | Path, cfg: TinyWanTrainConfig | None = None, *, minutes: fl
         opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
 
         def vae_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-            loss, mse = vae_loss(vae, _vae_batch(cfg, step).to(dev), cfg.kl_weight, cfg.object_weight)
+            loss, mse = vae_loss(vae, _vae_batch(cfg, step).to(dev), cfg.kl_weight, cfg.vae_object_weight)
             return loss, {"mse": mse}
 
         ok, done = _run_stage("vae", run, vae, opt, cfg.vae_steps, cfg.vae_lr, 30, vae_step, cfg, resume=resume,

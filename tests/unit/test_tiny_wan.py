@@ -122,7 +122,7 @@ def test_shipped_weights_load_and_make_videos():
     assert np.asarray(out).shape == (1, 5, 32, 48, 3)
 
 
-SMALL = dict(size=32, frames=5, vae_steps=2, vae_batch=2, vae_crop=16, cache_size=4, steps=4, batch=2,
+SMALL = dict(size=32, frames=5, vae_frames=5, vae_steps=2, vae_batch=2, vae_crop=16, cache_size=4, steps=4, batch=2,
              warmup=1, ckpt_every=2, log_every=1)
 
 
