@@ -30,17 +30,22 @@ def _buffer_name(proj: str, part: str) -> str:
     return f"teacher_{proj.replace('.', '_')}_{part}"
 
 
-class ClearFluxAttnProcessor(nn.Module):
-    """CLEAR local attention in one FluxAttention; settings come from the model's shared ClearState."""
+class ClearProcessorBase(nn.Module):
+    """What every family's CLEAR processor shares: the pooling weight, the frozen teacher projections of the image
+    branch (`teacher_projections`, from the model's adapter), the CLEAR call and the attention capture. A family's
+    processor adds `__call__`, which reproduces its stock processor's math around `_clear` (attention/adapters/)."""
 
     _attention_backend = None  # diffusers' set_attention_backend writes these; the teacher pass honours them
     _parallel_config = None
 
-    def __init__(self, index: int, double: bool, state: ClearState):
+    def __init__(self, index: int, double: bool, state: ClearState,
+                 teacher_projections: tuple[str, ...] | None = None):
         super().__init__()
         self.index = index
         self.double = double
         self._state = state
+        self.teacher_projections = tuple(teacher_projections if teacher_projections is not None else
+                                         (TEACHER_DOUBLE if double else TEACHER_SINGLE))
         self.spatial_weight: nn.Parameter | None = None
 
     # -- configuration ---------------------------------------------------------------------------------------
@@ -63,14 +68,14 @@ class ClearFluxAttnProcessor(nn.Module):
         if getattr(attn, "fused_projections", False):
             raise ValueError("keep_teacher needs unfused projections: call attn.unfuse_projections() "
                              "(transformer.unfuse_qkv_projections()) before linearize")
-        for proj in TEACHER_DOUBLE if self.double else TEACHER_SINGLE:
+        for proj in self.teacher_projections:
             lin = attn.get_submodule(proj)
             self.register_buffer(_buffer_name(proj, "weight"), lin.weight.detach().clone(), persistent=False)
             bias = None if lin.bias is None else lin.bias.detach().clone()
             self.register_buffer(_buffer_name(proj, "bias"), bias, persistent=False)
 
     def drop_teacher(self) -> None:
-        for proj in TEACHER_DOUBLE:
+        for proj in self.teacher_projections:
             for part in ("weight", "bias"):
                 self._buffers.pop(_buffer_name(proj, part), None)
 
@@ -85,6 +90,49 @@ class ClearFluxAttnProcessor(nn.Module):
         s = self._state.settings
         kind = "double" if self.double else "single"
         return f"index={self.index}, {kind}, window={s.window}, down_factor={s.down_factor}, backend={s.backend!r}"
+
+    def _clear(self, attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None,
+               call: CallContext | None, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """CLEAR attention of [B, N, heads, D] q/k/v, text first. `text_mask` [B, T] (valid text keys): the call's
+        padding (Qwen-Image's encoder_hidden_states_mask; default: the call context's, read by the adapter)."""
+        from clear_cli.attention import clear_attention
+
+        if call is None:
+            raise ValueError("CLEAR processors read the token grid from the model's call (img_ids): call the "
+                             "linearized transformer itself, not one attention module on its own")
+        if attention_mask is not None:
+            raise ValueError("CLEAR processors do not take an attention_mask (the CLEAR pattern is the mask)")
+        s = self._state.settings
+        # Image tokens come last, so the text length is whatever precedes the grid; this also holds where a model
+        # adds tokens of its own (ControlNet-Union prepends a mode token).
+        n, (h, w) = query.shape[1], call.grid
+        text_len = n - h * w
+        if text_len < 0 or (encoder_hidden_states is not None and encoder_hidden_states.shape[1] != text_len):
+            raise ValueError(f"attention got {n} tokens, which do not end in the call's {h}x{w} = {h * w} image tokens"
+                             + ("" if encoder_hidden_states is None else
+                                f" after {encoder_hidden_states.shape[1]} text tokens"))
+        scale = None
+        if s.proportional_attention:
+            scale = proportional_scale(n, s.train_seq_len, query.shape[-1], s.log_scale_factor)
+        down_weight = self.spatial_weight if s.down_factor > 1 else None
+        out = clear_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                              text_len=text_len, grid=call.grid, window=s.window, down_factor=s.down_factor,
+                              down_weight=down_weight, scale=scale, backend=s.backend,
+                              text_mask=text_mask if text_mask is not None else call.text_mask)
+        return out.transpose(1, 2)
+
+    def _record(self, call: CallContext | None, value) -> None:
+        # First recording per call wins: gradient checkpointing re-runs the block during backward.
+        cap = None if call is None else call.capture
+        if cap is None or self.index not in cap.layers or self.index in call.recorded:
+            return
+        call.recorded.add(self.index)
+        cap.outputs[self.index] = value()
+
+
+class ClearFluxAttnProcessor(ClearProcessorBase):
+    """CLEAR local attention in one FluxAttention; settings come from the model's shared ClearState."""
 
     # -- the call --------------------------------------------------------------------------------------------
     # Defined as __call__ (not forward), as diffusers' own Module processors do: FluxAttention.forward passes
@@ -151,39 +199,3 @@ class ClearFluxAttnProcessor(nn.Module):
             return out, text_out
         self._record(clear_call, lambda: out)
         return out
-
-    def _clear(self, attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None,
-               call: CallContext | None) -> torch.Tensor:
-        from clear_cli.attention import clear_attention
-
-        if call is None:
-            raise ValueError("CLEAR processors read the token grid from the model's call (img_ids): call the "
-                             "linearized transformer itself, not one attention module on its own")
-        if attention_mask is not None:
-            raise ValueError("CLEAR processors do not take an attention_mask (the CLEAR pattern is the mask)")
-        s = self._state.settings
-        # Image tokens come last, so the text length is whatever precedes the grid; this also holds where a model
-        # adds tokens of its own (ControlNet-Union prepends a mode token).
-        n, (h, w) = query.shape[1], call.grid
-        text_len = n - h * w
-        if text_len < 0 or (encoder_hidden_states is not None and encoder_hidden_states.shape[1] != text_len):
-            raise ValueError(f"attention got {n} tokens, which do not end in the call's {h}x{w} = {h * w} image tokens"
-                             + ("" if encoder_hidden_states is None else
-                                f" after {encoder_hidden_states.shape[1]} text tokens"))
-        scale = None
-        if s.proportional_attention:
-            scale = proportional_scale(n, s.train_seq_len, attn.head_dim, s.log_scale_factor)
-        down_weight = self.spatial_weight if s.down_factor > 1 else None
-        out = clear_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                              text_len=text_len, grid=call.grid, window=s.window, down_factor=s.down_factor,
-                              down_weight=down_weight, scale=scale, backend=s.backend)
-        return out.transpose(1, 2)
-
-    def _record(self, call: CallContext | None, value) -> None:
-        # First recording per call wins: gradient checkpointing re-runs the block during backward.
-        cap = None if call is None else call.capture
-        if cap is None or self.index not in cap.layers or self.index in call.recorded:
-            return
-        call.recorded.add(self.index)
-        cap.outputs[self.index] = value()
