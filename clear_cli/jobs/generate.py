@@ -297,7 +297,9 @@ def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, p
     say(f"plan: {plan_txt} ({'cascade' if len(stages) > 1 else 'direct'}), window {window}, down_factor {down}, "
         f"model {cfg.model} on {pipe._execution_device} {str(pipe.transformer.dtype).replace('torch.', '')}")
     if par is None:
-        runner = StageRunner(pipe, window, down, cfg.backend, weights, train_seq_len)
+        from clear_cli.sampling.qwen_runner import runner_class
+
+        runner = runner_class(pipe)(pipe, window, down, cfg.backend, weights, train_seq_len)
     else:  # parallel (issue 11)
         from clear_cli.parallel.generation import make_runner
 
