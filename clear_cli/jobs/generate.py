@@ -238,6 +238,10 @@ def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, p
 
     _validate(cfg)
     plist = read_prompts([prompts] if isinstance(prompts, str) else list(prompts), prompts_file)
+    if pipe is None:
+        from clear_cli.models.pipeline import check_model_family
+
+        check_model_family(cfg.model)   # a family without a model adapter: one line, before any work
     defaults = model_defaults(cfg.model)
     base_res = defaults.base_res if cfg.base_res is None else parse_res(cfg.base_res, "--base-res")[0]
     target = parse_res(cfg.res, "--res") if cfg.res is not None else (base_res, base_res)

@@ -90,6 +90,14 @@ def _stock_class(path: Path):
     return getattr(diffusers, name)
 
 
+def check_model_family(model: str) -> None:
+    """Before any work: a local diffusers directory whose pipeline no model adapter knows is refused (UsageError,
+    one line listing the families). Built-in names and hub ids pass (a hub model is checked once loaded)."""
+    path = Path(str(model)).expanduser()
+    if path.is_dir() and (path / "model_index.json").is_file():
+        _stock_class(path)
+
+
 def _check_family(pipe, name: str) -> None:
     from clear_cli.attention.adapters import adapter_for, families
     from clear_cli.errors import UsageError
