@@ -377,6 +377,8 @@ class Distiller:
         r = self.recipe
         dtype = mixed_dtype(r.train.mixed_precision)
         pipe = self._pipe or load_pipeline(r.model, device=self.acc.device, dtype=dtype)
+        from clear_cli.models.pipeline import require_family
+        require_family(pipe, ("flux",), "clear distill")
         tr = pipe.transformer
         if tr.device != self.acc.device:
             tr.to(self.acc.device)

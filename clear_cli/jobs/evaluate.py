@@ -466,6 +466,8 @@ def evaluate(students: str | Sequence[str | os.PathLike], config: EvalConfig | N
                              dino_model=cfg.dino_model, lpips_weights=cfg.lpips_weights, warn=warn)
     if pipe is None:
         pipe = load_pipeline(cfg.model, device=str(device), dtype=cfg.dtype)
+        from clear_cli.models.pipeline import require_family
+        require_family(pipe, ("flux",), "clear eval")
     from clear_cli.models.compile import compile_transformer
 
     compile_transformer(pipe, cfg.compile, warn=warn)  # stays on the pipeline (gen's cascade inside keeps it)

@@ -434,6 +434,8 @@ def _load(cfg: SynthConfig, pipe, device):
         from clear_cli.models import load_pipeline
 
         pipe = load_pipeline(cfg.model, device=device, dtype=cfg.dtype)
+        from clear_cli.models.pipeline import require_family
+        require_family(pipe, ("flux",), "clear synth")
     pipe.set_progress_bar_config(disable=True)  # our bar counts images; the pipeline's would count steps
     from clear_cli.models.compile import compile_transformer
 

@@ -98,6 +98,19 @@ def check_model_family(model: str) -> None:
         _stock_class(path)
 
 
+def require_family(pipe, families: tuple[str, ...], command: str) -> None:
+    """UsageError (one line) when `command` does not run on the pipeline's model family yet."""
+    from clear_cli.attention.adapters import adapter_for
+    from clear_cli.errors import UsageError
+
+    adapter = adapter_for(pipe.transformer)
+    family = adapter.family if adapter is not None else type(pipe.transformer).__name__
+    if family not in families:
+        raise UsageError(f"{command} does not run on {family} models yet (its cached data holds FLUX's T5 and CLIP "
+                         f"embeddings); it runs on: {', '.join(families)}",
+                         "on this family use clear gen / clear export, or the Python API (docs/models.md)")
+
+
 def _check_family(pipe, name: str) -> None:
     from clear_cli.attention.adapters import adapter_for, families
     from clear_cli.errors import UsageError

@@ -28,3 +28,17 @@ def test_model_of_a_family_without_adapter_is_one_line_exit_2(cli, tmp_path, com
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1, err
     assert "no CLEAR model adapter" in lines[0] and "families: qwen-image, chroma, flux" in lines[0]
+
+
+def test_model_info_on_qwen_image(cli):
+    code, out, err = cli("model", "info", "--model", "qwen-image-tiny-random")
+    assert code == 0, err
+    assert "family qwen-image" in out and "2 attention blocks, 3 heads x 16" in out
+
+
+def test_synth_on_qwen_image_is_refused_in_one_line(cli, tmp_path):
+    code, _, err = cli("synth", "--model", "qwen-image-tiny-random", "--n", "2", "--res", "64",
+                       "--out", str(tmp_path / "d"))
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "clear synth does not run on qwen-image models yet" in lines[0], err
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
