@@ -305,8 +305,10 @@ def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, p
 
         runner = runner_class(pipe)(pipe, window, down, cfg.backend, weights, train_seq_len)
     else:  # parallel (issue 11)
+        from clear_cli.models.pipeline import require_family
         from clear_cli.parallel.generation import make_runner
 
+        require_family(pipe, ("flux",), "clear gen --parallel")
         runner = make_runner(par, pipe, window, down, cfg.backend, weights, train_seq_len)
     w, h = target
     base_info = {

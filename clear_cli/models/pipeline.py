@@ -106,8 +106,8 @@ def require_family(pipe, families: tuple[str, ...], command: str) -> None:
     adapter = adapter_for(pipe.transformer)
     family = adapter.family if adapter is not None else type(pipe.transformer).__name__
     if family not in families:
-        raise UsageError(f"{command} does not run on {family} models yet (its cached data holds FLUX's T5 and CLIP "
-                         f"embeddings); it runs on: {', '.join(families)}",
+        raise UsageError(f"{command} does not run on {family} models yet (it is built on FLUX's T5 + CLIP "
+                         f"conventions); it runs on: {', '.join(families)}",
                          "on this family use clear gen / clear export, or the Python API (docs/models.md)")
 
 
