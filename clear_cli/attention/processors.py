@@ -1,4 +1,7 @@
-"""The CLEAR attention processor for diffusers' FluxAttention (double- and single-stream blocks).
+"""CLEAR attention processors: `ClearProcessorBase` (what every family's processor shares: pooling weight, frozen
+teacher projections, the CLEAR call with text padding, the attention capture) and `ClearFluxAttnProcessor` for
+diffusers' FluxAttention (double- and single-stream blocks); other families' processors live beside their
+adapters (attention/adapters/).
 
 It reproduces FluxAttnProcessor's math (projections, RMSNorm, added text projections in double blocks, RoPE via
 diffusers' apply_rotary_emb, the to_out / to_add_out split) and calls `clear_attention` for the attention itself.

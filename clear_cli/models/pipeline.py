@@ -182,6 +182,11 @@ def load_pipeline(model: str = DEFAULT_MODEL, *, device: str | torch.device | No
         _check_family(pipe, name)
         if isinstance(pipe, _StockFluxPipeline):
             pipe = _adopt(pipe)
+        else:
+            from clear_cli.models import qwen_image
+
+            if qwen_image.is_tiny_tokenizer(pipe):   # a saved qwen-image-tiny-random: no chat template to drop
+                pipe = qwen_image.adopt(pipe)
     if dt != pipe.transformer.dtype:
         pipe = pipe.to(dtype=dt)
     return pipe.to(device=dev)

@@ -70,6 +70,12 @@ class QwenImagePipeline(_StockQwenImagePipeline):
         return super().__call__(*args, **kwargs)
 
 
+def is_tiny_tokenizer(pipe) -> bool:
+    """True for a QwenImagePipeline whose tokenizer is the built-in word tokenizer (no chat-template tokens)."""
+    tok = getattr(pipe, "tokenizer", None)
+    return isinstance(pipe, _StockQwenImagePipeline) and tok is not None and "<|im_start|>" not in tok.get_vocab()
+
+
 def adopt(pipe: _StockQwenImagePipeline) -> QwenImagePipeline:
     """The tiny tokenizer's conventions on a pipeline: no chat template, nothing dropped, TEXT_LEN tokens."""
     pipe.__class__ = QwenImagePipeline

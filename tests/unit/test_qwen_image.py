@@ -162,3 +162,15 @@ def test_lora_export_loads_with_the_stock_qwen_image_loader(pipe, tmp_path):
     for k, v in student.items():
         key = k if k in fused else k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
         torch.testing.assert_close(fused[key], v, atol=1e-5, rtol=0)
+
+
+def test_saved_tiny_reloads_and_draws_the_same(pipe, tmp_path):
+    from clear_cli.models.pipeline import save_pipeline
+
+    save_pipeline(pipe, tmp_path / "q")
+    again = clear_cli.load_pipeline(str(tmp_path / "q"))
+    assert again.prompt_template_encode_start_idx == 0   # the tiny tokenizer's conventions came back
+    call = dict(prompt="a red circle", height=64, width=64, num_inference_steps=2, output_type="latent")
+    a = pipe(generator=torch.Generator().manual_seed(0), **call).images
+    b = again(generator=torch.Generator().manual_seed(0), **call).images
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
