@@ -36,9 +36,43 @@ def test_model_info_on_qwen_image(cli):
     assert "family qwen-image" in out and "2 attention blocks, 3 heads x 16" in out
 
 
-def test_synth_on_qwen_image_is_refused_in_one_line(cli, tmp_path):
-    code, _, err = cli("synth", "--model", "qwen-image-tiny-random", "--n", "2", "--res", "64",
-                       "--out", str(tmp_path / "d"))
+def test_eval_on_qwen_image_is_refused_in_one_line(cli, tmp_path):
+    w = tmp_path / "w.safetensors"
+    from clear_cli.models.weights import save_attention_weights
+    import torch
+    save_attention_weights(w, {"transformer_blocks.0.attn.to_q.weight": torch.zeros(48, 48)},
+                           {"window": 2, "down_factor": 1, "base_model": "qwen-image-tiny-random"})
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    code, _, err = cli("eval", "--model", "qwen-image-tiny-random", "--student", str(w), "--n", "1",
+                       "--prompts", str(prompts), "--out", str(tmp_path / "e"))
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and "clear synth does not run on qwen-image models yet" in lines[0], err
-    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
+    assert code == 2 and "clear eval does not run on qwen-image models yet" in lines[-1], err
+
+
+def test_whole_workflow_on_qwen_image(cli, tmp_path):
+    """synth -> distill -> export -> gen --weights on qwen-image-tiny-random, through the commands."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na big blue square on the left of a green star\n")
+    code, _, err = cli("synth", "--model", "qwen-image-tiny-random", "--n", "2", "--res", "64", "--steps", "2",
+                       "--batch-size", "2", "--prompts", str(prompts), "--out", str(data))
+    assert code == 0, err
+    card = json.loads((data / "dataset.json").read_text())
+    assert card["model"]["family"] == "qwen-image" and set(card["tensors"]) == {
+        "t5_embeds", "text_mask", "latent_mean", "latent_std"}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: qwen-image-tiny-random\ndata: {data}\nout: {run}\nwindow: 2\nresolution: 64\n"
+                      "train: {steps: 3, batch_size: 2, optimizer: adamw, lr: 3.0e-3, schedule: constant, "
+                      "warmup_steps: 0, mixed_precision: 'no'}\nvalidation: {prompts: []}\n")
+    code, out, err = cli("distill", str(recipe))
+    assert code == 0, err
+    steps = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2, 3] and all(s["pred"] > 0 and s["attn"] > 0 for s in steps)
+    code, _, err = cli("export", str(run / "clear_attn.safetensors"), "--format", "lora", "--rank", "8",
+                       "--out", str(tmp_path / "lora.safetensors"))
+    assert code == 0, err
+    code, out, err = cli("gen", "a red circle", "--model", "qwen-image-tiny-random", "--res", "64", "--steps", "2",
+                         "--weights", str(run / "clear_attn.safetensors"), "--out", str(tmp_path / "g.png"))
+    assert code == 0, err
+    assert Image.open(tmp_path / "g.png").size == (64, 64)
