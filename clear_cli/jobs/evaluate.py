@@ -467,7 +467,7 @@ def evaluate(students: str | Sequence[str | os.PathLike], config: EvalConfig | N
     if pipe is None:
         pipe = load_pipeline(cfg.model, device=str(device), dtype=cfg.dtype)
         from clear_cli.models.pipeline import require_family
-        require_family(pipe, ("flux",), "clear eval")
+        require_family(pipe, ("flux", "qwen-image"), "clear eval")
     from clear_cli.models.compile import compile_transformer
 
     compile_transformer(pipe, cfg.compile, warn=warn)  # stays on the pipeline (gen's cascade inside keeps it)

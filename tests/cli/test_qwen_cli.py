@@ -36,20 +36,6 @@ def test_model_info_on_qwen_image(cli):
     assert "family qwen-image" in out and "2 attention blocks, 3 heads x 16" in out
 
 
-def test_eval_on_qwen_image_is_refused_in_one_line(cli, tmp_path):
-    w = tmp_path / "w.safetensors"
-    from clear_cli.models.weights import save_attention_weights
-    import torch
-    save_attention_weights(w, {"transformer_blocks.0.attn.to_q.weight": torch.zeros(48, 48)},
-                           {"window": 2, "down_factor": 1, "base_model": "qwen-image-tiny-random"})
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a red circle\n")
-    code, _, err = cli("eval", "--model", "qwen-image-tiny-random", "--student", str(w), "--n", "1",
-                       "--prompts", str(prompts), "--out", str(tmp_path / "e"))
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert code == 2 and "clear eval does not run on qwen-image models yet" in lines[-1], err
-
-
 def test_whole_workflow_on_qwen_image(cli, tmp_path):
     """synth -> distill -> export -> gen --weights on qwen-image-tiny-random, through the commands."""
     data, run = tmp_path / "data", tmp_path / "run"
@@ -76,3 +62,9 @@ def test_whole_workflow_on_qwen_image(cli, tmp_path):
                          "--weights", str(run / "clear_attn.safetensors"), "--out", str(tmp_path / "g.png"))
     assert code == 0, err
     assert Image.open(tmp_path / "g.png").size == (64, 64)
+    code, out, err = cli("eval", "--model", "qwen-image-tiny-random", "--student", str(run / "clear_attn.safetensors"),
+                         "--n", "2", "--prompts", str(prompts), "--res", "64", "--steps", "2", "--metrics",
+                         "psnr,ssim", "--out", str(tmp_path / "eval"))
+    assert code == 0, err
+    student = json.loads((tmp_path / "eval" / "eval.json").read_text())["students"][0]
+    assert student["window"] == 2 and 10 < student["psnr"] < 99 and 0 < student["ssim"] <= 1
