@@ -433,8 +433,14 @@ class Distiller:
         self.val_embeds = None
         from clear_cli.attention.adapters import adapter_for
 
-        if adapter_for(self.pipe.transformer).family != "flux" and r.validation.prompts:
-            self.notes.append("validation images are drawn for FLUX models only (for now); training runs as usual")
+        if adapter_for(self.pipe.transformer).family == "qwen-image" and r.validation.prompts \
+                and self.acc.is_main_process:
+            with torch.no_grad():
+                t5, mask = self.pipe.encode_prompt(list(r.validation.prompts), device=self.acc.device,
+                                                   max_sequence_length=text_len(self.pipe))
+            if mask is None:
+                mask = torch.ones(t5.shape[:2], dtype=torch.long, device=t5.device)
+            self.val_embeds = (t5, mask)
         elif r.validation.prompts and self.acc.is_main_process:
             with torch.no_grad():
                 t5, pooled, _ = self.pipe.encode_prompt(prompt=list(r.validation.prompts), prompt_2=None,

@@ -50,11 +50,13 @@ def test_whole_workflow_on_qwen_image(cli, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model: qwen-image-tiny-random\ndata: {data}\nout: {run}\nwindow: 2\nresolution: 64\n"
                       "train: {steps: 3, batch_size: 2, optimizer: adamw, lr: 3.0e-3, schedule: constant, "
-                      "warmup_steps: 0, mixed_precision: 'no'}\nvalidation: {prompts: []}\n")
+                      "warmup_steps: 0, mixed_precision: 'no'}\n"
+                      "validation: {prompts: [a red circle], every: 3, steps: 2}\n")
     code, out, err = cli("distill", str(recipe))
     assert code == 0, err
     steps = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2, 3] and all(s["pred"] > 0 and s["attn"] > 0 for s in steps)
+    assert {p.parent.name for p in (run / "validation").glob("*/00.png")} == {"teacher", "step_000003"}
     code, _, err = cli("export", str(run / "clear_attn.safetensors"), "--format", "lora", "--rank", "8",
                        "--out", str(tmp_path / "lora.safetensors"))
     assert code == 0, err
