@@ -36,6 +36,9 @@ def register(app: typer.Typer) -> None:
                                              help="Time full attention only up to this many TFLOPs (0: 2 on CPU)."),
         no_timing: bool = typer.Option(False, "--no-timing", help="Work counts only, no kernels run."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+        reference_res: str = typer.Option("", "--reference-res",
+                                          help="A Kontext reference image's resolution (as --res); its tokens "
+                                               "are global, like text."),
     ) -> None:
         """Per resolution: tokens, full / exact / paper FLOPs, schedule work / exact, times, speedup, efficiency."""
         from clear_cli.jobs.bench import AttentionBenchConfig, bench_attention, format_table
@@ -65,7 +68,9 @@ def register(app: typer.Typer) -> None:
             if grid[0] % down_factor or grid[1] % down_factor:
                 raise UsageError(f"--down-factor {down_factor} does not divide the {grid[0]}x{grid[1]} token grid "
                                  f"of --res {r}")
-        cfg = AttentionBenchConfig(res=resolutions, window=window, down_factor=down_factor, heads=heads,
+        if reference_res:
+            token_grid(reference_res)   # a bad resolution is a one-line error here
+        cfg = AttentionBenchConfig(reference_res=reference_res, res=resolutions, window=window, down_factor=down_factor, heads=heads,
                                    head_dim=head_dim, text_len=text_len, batch=batch, device=device, dtype=dtype,
                                    backends=names, repeats=repeats, max_full_tflop=max_full_tflop,
                                    timing=not no_timing)

@@ -40,6 +40,8 @@ class AttentionBenchConfig:
     max_full_tflop: float = doc(0.0, "Skip timing full attention above this many TFLOPs (0: 2 on CPU, 2000 on CUDA).")
     max_tokens_cuda_full: int = doc(300_000, "Skip full attention beyond this many tokens on CUDA.")
     timing: bool = doc(True, "Measure times (off: work counts only).")
+    reference_res: str = doc("", "A reference image's resolution (Kontext), same forms as res; its tokens are "
+                                 "global like text (the `global` rule, attention/layout.py). Empty: none.")
     extra: dict = field(default_factory=dict)
 
 
@@ -93,17 +95,23 @@ def bench_attention(cfg: AttentionBenchConfig, log: Callable[[str], None] | None
     max_full = cfg.max_full_tflop or (2.0 if device.type == "cpu" else 2000.0)
     from clear_cli.attention.kernels import choose_backend, fallback_reason
 
+    from clear_cli.attention.layout import ImageGrid, TokenLayout, attend
+
+    ref = token_grid(cfg.reference_res) if cfg.reference_res else None
     rows = []
     for res in cfg.res:
         grid = token_grid(res)
         h, w = grid
         if (h % cfg.down_factor) or (w % cfg.down_factor):
             raise ValueError(f"down_factor {cfg.down_factor} does not divide the {h}x{w} token grid of {res}")
-        t = cfg.text_len
-        n = t + h * w
+        # The layout: text, the target grid, then the reference's tokens, which the kernels count as global.
+        grids = (ImageGrid(0, 0, h, w),) + ((ImageGrid(1, h * w, *ref),) if ref else ())
+        layout = TokenLayout(cfg.text_len, grids)
+        t = layout.global_len
+        n = layout.seq_len
         exact = count_pairs(grid, t, cfg.window, cfg.down_factor)
         row: dict = {
-            "res": res, "grid": [h, w], "tokens": n, "window": cfg.window, "down_factor": cfg.down_factor,
+            "res": res, "grid": [h, w], "reference": list(ref) if ref else None, "tokens": n, "window": cfg.window, "down_factor": cfg.down_factor,
             "full_tflop": attention_flops(full_pairs(grid, t), d_model) / 1e12,
             "exact_tflop": attention_flops(exact, d_model) / 1e12,
             "paper_tflop": attention_flops(paper_pairs(grid, t, cfg.window, cfg.down_factor), d_model) / 1e12,
@@ -141,8 +149,12 @@ def bench_attention(cfg: AttentionBenchConfig, log: Callable[[str], None] | None
                                 f"{max_full:g} on {device.type}; raise --max-full-tflop to force)")
         for b in backends:
             ask = "auto" if b == auto and "auto" in cfg.backends else b   # `auto` keeps its shortcut and fallbacks
-            kernels[b] = (lambda ask=ask: clear_attention(q, k, v, text_len=t, grid=grid, window=cfg.window,
-                                                          down_factor=cfg.down_factor, backend=ask))
+            if ref:   # in the model's order: the permutation to kernel order is part of the cost
+                kernels[b] = (lambda ask=ask: attend(q, k, v, layout, window=cfg.window,
+                                                     down_factor=cfg.down_factor, backend=ask))
+            else:
+                kernels[b] = (lambda ask=ask: clear_attention(q, k, v, text_len=t, grid=grid, window=cfg.window,
+                                                              down_factor=cfg.down_factor, backend=ask))
         times: dict[str, list[float]] = {name: [] for name in kernels}
         with torch.no_grad():
             for name, fn in list(kernels.items()):   # warm-up (compiles, builds and caches masks)
@@ -204,8 +216,10 @@ def format_table(rows: list[dict], peak_label: str = "peak MB") -> str:
     for r in rows:
         sched = "; ".join(f"{b} work/exact {s['work_over_exact']:.2f} (image {s['image_work_over_exact']:.2f})"
                           for b, s in r["schedules"].items())
-        lines.append(f"{r['res']} ({r['grid'][0]}x{r['grid'][1]} tokens + text = {r['tokens']}), r={r['window']}, "
-                     f"f={r['down_factor']}")
+        ref = r.get("reference")
+        plus = f" + reference {ref[0]}x{ref[1]}" if ref else ""
+        lines.append(f"{r['res']} ({r['grid'][0]}x{r['grid'][1]} tokens{plus} + text = {r['tokens']}), "
+                     f"r={r['window']}, f={r['down_factor']}")
         lines.append(f"  TFLOP/layer: full {r['full_tflop']:.3f}, CLEAR exact {r['exact_tflop']:.4f}, "
                      f"paper {r['paper_tflop']:.4f} (full/exact {r['flop_ratio']:.1f}x)")
         if sched:
