@@ -66,11 +66,23 @@ def register(app: typer.Typer) -> None:
         parallel: str = typer.Option("none", "--parallel", help="none; patch: split each image's token rows over "
                                      "the processes of torchrun / accelerate launch (exact, halo exchange); data: "
                                      "split the prompts."),
+        image: Optional[str] = typer.Option(None, "--image", help="Input image: img2img start (--strength), "
+                                            "picture to inpaint (--mask), or a Kontext reference (--kontext). "
+                                            "One direct stage at --res [default: the image's size]."),
+        mask: Optional[str] = typer.Option(None, "--mask", help="Inpainting mask for --image (white = repaint); "
+                                           "FLUX.1-Fill models use FluxFillPipeline."),
+        control: Optional[str] = typer.Option(None, "--control", help="ControlNet control image (needs "
+                                              "--controlnet)."),
+        controlnet: Optional[str] = typer.Option(None, "--controlnet", help="FLUX ControlNet for --control: hub id "
+                                                 "or local folder."),
+        kontext: bool = typer.Option(False, "--kontext", help="--image is a reference for a FLUX.1-Kontext model "
+                                     "(editing), not an img2img start."),
     ) -> None:
         """Generate images with CLEAR local attention; above the base resolution via an SDEdit cascade.
 
         Examples: clear gen "a blue plane" --res 4k --weights Huage001/CLEAR:clear_local_16.safetensors;
-        clear gen "a red circle" --model tiny --res 512 --compare
+        clear gen "a red circle" --model tiny --res 512 --compare;
+        clear gen "a red circle" --image in.png --mask mask.png (inpaint)
         """
         from clear_cli.jobs.generate import GenConfig, generate
 
@@ -79,7 +91,8 @@ def register(app: typer.Typer) -> None:
                         refine_guidance=refine_guidance, seed=seed, num_images=num_images, base_res=base_res,
                         upscale=upscale, strength=strength, ntk_factor=ntk_factor, cascade=cascade, compare=compare,
                         offload=offload, device=device, dtype=dtype, overwrite=overwrite, backend=backend,
-                        compile=compile, parallel=parallel)
+                        compile=compile, parallel=parallel, image=image, mask=mask, control=control,
+                        controlnet=controlnet, kontext=kontext)
 
         def log(msg: str) -> None:
             print(msg, file=sys.stderr if msg.startswith("warning:") else sys.stdout, flush=True)
