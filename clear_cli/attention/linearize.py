@@ -35,7 +35,7 @@ STATE_ATTR = "_clear_state"
 
 
 SUPPORTED = ("FluxPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline, FluxFillPipeline, FluxControlNetPipeline "
-             "(and its img2img / inpaint variants), FluxKontextPipeline, FluxKontextInpaintPipeline, or a FLUX "
+             "(and its img2img / inpaint variants), FluxKontextPipeline, or a FLUX "
              "transformer with FluxAttention modules (FluxTransformer2DModel, FluxControlNetModel)")
 
 

@@ -127,6 +127,18 @@ def test_controlnet_pipeline_with_a_control_image():
     assert (other - stock).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("name", ["FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline"])
+def test_controlnet_img2img_and_inpaint_pipelines(name):
+    import diffusers
+
+    pipe = getattr(diffusers, name)(**components(), controlnet=tiny_controlnet())
+    call = dict(prompt="a red circle", image=picture(96, 64, 1), control_image=picture(96, 64, 2), strength=0.9,
+                max_sequence_length=tiny.TEXT_LEN, **SIZE)
+    if "Inpaint" in name:
+        call["mask_image"] = mask_picture()
+    check(pipe, **call)
+
+
 def test_kontext_pipeline_with_a_reference_of_another_size():
     from diffusers import FluxKontextPipeline
 
