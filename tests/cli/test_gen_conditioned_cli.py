@@ -98,3 +98,24 @@ def test_bad_combinations_are_one_line(cli, tmp_path, pics, args, words):
     assert code != 0
     assert words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_weights_apply_to_a_conditioned_run(cli, tmp_path, pics, tiny_random_pipe):
+    import torch
+
+    from clear_cli.models.weights import save_attention_weights
+
+    sd = tiny_random_pipe.transformer.state_dict()
+    g = torch.Generator().manual_seed(0)
+    student = {k: sd[k] + 0.05 * torch.randn(sd[k].shape, generator=g)
+               for k in ("transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.1.attn.to_k.weight")}
+    f = save_attention_weights(tmp_path / "clear_attn.safetensors", student,
+                               {"window": 8, "down_factor": 1, "base_model": "tiny-random"})
+    args = ("gen", "a red circle", "--image", pics["ref"], "--kontext", "--res", "96x64", *FAST)
+    code, so, err = cli(*args, "--out", str(tmp_path / "w.png"), "--weights", str(f))
+    assert code == 0, err
+    assert "window 8" in so and "zero-shot" not in err
+    assert len(_png(tmp_path / "w.png").text["weights_sha256"]) == 64
+    code, _, err = cli(*args, "--out", str(tmp_path / "z.png"), "--window", "8")
+    assert code == 0, err
+    assert not np.array_equal(np.asarray(_png(tmp_path / "w.png")), np.asarray(_png(tmp_path / "z.png")))
