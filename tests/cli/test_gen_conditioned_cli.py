@@ -119,3 +119,25 @@ def test_weights_apply_to_a_conditioned_run(cli, tmp_path, pics, tiny_random_pip
     code, _, err = cli(*args, "--out", str(tmp_path / "z.png"), "--window", "8")
     assert code == 0, err
     assert not np.array_equal(np.asarray(_png(tmp_path / "w.png")), np.asarray(_png(tmp_path / "z.png")))
+
+
+def test_a_fill_model_takes_image_and_mask(cli, tmp_path, pics):
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from clear_cli.models import tiny
+    from clear_cli.models.pipeline import FluxPipeline, save_pipeline
+
+    comps = tiny.build_components(seed=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)   # FLUX.1-Fill's transformer: latents + masked image + mask in
+        comps["transformer"] = FluxTransformer2DModel(**{**tiny.TRANSFORMER, "in_channels": 384,
+                                                         "out_channels": 64}).eval()
+    model = save_pipeline(FluxPipeline(**comps), tmp_path / "fill")
+    run = ("gen", "a red circle", "--model", str(model), "--steps", "2", "--device", "cpu")
+    code, so, err = cli(*run, "--image", pics["image"], "--mask", pics["mask"], "--out", str(tmp_path / "f.png"))
+    assert code == 0, err
+    assert "plan: FluxFillPipeline at 96x64" in so and _png(tmp_path / "f.png").text["pipeline"] == "FluxFillPipeline"
+    code, _, err = cli(*run, "--image", pics["image"], "--out", str(tmp_path / "g.png"))
+    assert code == 2 and "FLUX.1-Fill (in_channels 384): it needs --image and --mask" in err
+    assert not (tmp_path / "g.png").exists()
