@@ -3,6 +3,8 @@ measured on the tiny model (issue 18).
 
     python bench/reference_rule.py                 # ~1-3 min on 2 CPU cores
     python bench/reference_rule.py --quick         # plumbing only
+    python bench/reference_rule.py --weights out/transfer/clear_tiny/distill/clear_attn.safetensors \
+        --out out/reference_rule_distilled        # with the teacher's distilled CLEAR weights (bench/transfer.py)
 
 FluxKontextPipeline on the shipped tiny teacher (zero-shot: it was never trained on references), a 128x128 target
 (8x8 tokens) with a 128x96 reference (8 wide x 6 high: another size), the reference a held-out scene rendered by
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="out/reference_rule")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--weights", default=None, help="CLEAR weights for the teacher (e.g. the transfer bench's "
+                                                    "out/transfer/clear_tiny/distill/clear_attn.safetensors)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from diffusers import FluxKontextPipeline
@@ -72,9 +76,16 @@ def main(argv: list[str] | None = None) -> dict:
     img = slice(t, lay.seq_len)
     full_img_pairs = lay.n_image ** 2
     rows = []
+    if args.weights:
+        from clear_cli.models.weights import apply_attention_weights, load_attention_weights
+
+        w = load_attention_weights(args.weights)
+        windows = (w.window,)
     for r in windows:
         for rule in RULES:
             clear_cli.linearize(pipe, window=r, backend="reference", reference_rule=rule)
+            if args.weights and rule == RULES[0]:
+                apply_attention_weights(pipe.transformer, w)   # stays for the other rules (same processors)
             x = images()
             pairs = int(layout_mask(lay, r, rule)[img, img].sum())
             rows.append({"window": r, "rule": rule, "psnr_db": round(mean_psnr(psnr(x, full))[0], 3),
@@ -82,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "image_pairs_over_full": round(pairs / full_img_pairs, 4)})
             print(f"r={r} {rule}: {rows[-1]}", file=sys.stderr, flush=True)
     clear_cli.unlinearize(pipe)
-    res = {"rows": rows, "n": n, "steps": steps, "target": "128x128 (8x8 tokens)",
+    res = {"rows": rows, "weights": args.weights, "n": n, "steps": steps, "target": "128x128 (8x8 tokens)",
            "reference": "128x96 (8x6 tokens)", "text_len": t, "quick": args.quick,
            "command": "python bench/reference_rule.py " + shlex.join(sys.argv[1:] if argv is None else argv),
            "wall_seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__}
