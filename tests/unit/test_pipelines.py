@@ -127,6 +127,19 @@ def test_controlnet_pipeline_with_a_control_image():
     assert (other - stock).abs().max() > 1e-4
 
 
+def test_multi_controlnet_pipeline():
+    from diffusers import FluxControlNetPipeline, FluxMultiControlNetModel
+
+    multi = FluxMultiControlNetModel([tiny_controlnet(), tiny_controlnet()])
+    pipe = FluxControlNetPipeline(**components(), controlnet=multi)
+    check(pipe, prompt="a red circle", control_image=[picture(96, 64, 2), picture(96, 64, 3)],
+          controlnet_conditioning_scale=[1.0, 0.5], max_sequence_length=tiny.TEXT_LEN, **SIZE)
+    clear_cli.linearize(pipe, window=1)   # every ControlNet of the group
+    assert all(isinstance(m.processor, ClearFluxAttnProcessor) for n in multi.nets for m in attention_modules(n))
+    clear_cli.unlinearize(pipe)
+    assert not any(isinstance(m.processor, ClearFluxAttnProcessor) for n in multi.nets for m in attention_modules(n))
+
+
 @pytest.mark.parametrize("name", ["FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline"])
 def test_controlnet_img2img_and_inpaint_pipelines(name):
     import diffusers
