@@ -1,8 +1,8 @@
 """Per-model and per-call state that the CLEAR processors of one transformer share.
 
 A forward pre-hook on the transformer reads each call's geometry (text length from `txt_ids` /
-`encoder_hidden_states`, the token grid from `img_ids`) and hands it to every processor through
-`joint_attention_kwargs["clear_call"]`. Passing it as an argument, rather than through a global, means one model
+`encoder_hidden_states`, the token layout from `img_ids`: `layout.read_layout`, the target grid and any reference
+images) and hands it to every processor through `joint_attention_kwargs["clear_call"]`. Passing it as an argument, rather than through a global, means one model
 serves any resolution, aspect ratio, batch and prompt length, and that gradient checkpointing recomputes a block
 with the geometry and mode (teacher / student, capture) of the pass that built it, even if other passes ran since.
 """

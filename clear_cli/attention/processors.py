@@ -1,7 +1,8 @@
 """The CLEAR attention processor for diffusers' FluxAttention (double- and single-stream blocks).
 
 It reproduces FluxAttnProcessor's math (projections, RMSNorm, added text projections in double blocks, RoPE via
-diffusers' apply_rotary_emb, the to_out / to_add_out split) and calls `clear_attention` for the attention itself.
+diffusers' apply_rotary_emb, the to_out / to_add_out split) and calls `layout.attend` (`clear_attention` on the call's
+token layout: reference images, as in Kontext, join the text as global tokens) for the attention itself.
 It is an nn.Module so that the pooling weights (down_factor f > 1) are parameters under the published checkpoints'
 key, `...attn.processor.spatial_weight` [1,1,1,f,1,f,1]. With `keep_teacher`, it also holds frozen copies of the
 original image-branch projections (non-persistent buffers) and, in a teacher pass, computes the original model
