@@ -385,6 +385,7 @@ def _generate_conditioned(pipe, cond, images: dict, plans, cfg: GenConfig, targe
     if cond.control:
         cn = conditioned.load_controlnet(cond.controlnet, pipe._execution_device, pipe.transformer.dtype)
     variant = conditioned.build(pipe, name, cn)
+    variant.set_progress_bar_config(disable=not progress, leave=False)
     w, h = target
     if cfg.res is not None and cfg.cascade and max(w, h) > model_defaults(cfg.model).base_res:
         warn(f"{name} samples directly at {w}x{h} (no cascade with --image/--mask/--control)")
@@ -414,39 +415,51 @@ def _generate_conditioned(pipe, cond, images: dict, plans, cfg: GenConfig, targe
                       **kw)
         return out.images[0]
 
+    from clear_cli.models.compile import compiled, describe
+
     results: list[GenOutput] = []
     try:
-        for i, (prompt, seed, path) in enumerate(plans):
-            say(f"[{i + 1}/{len(plans)}] {prompt!r} seed {seed} -> {path}")
-            t0 = time.perf_counter()
-            image = draw(prompt, seed, "clear")
-            runner.sync()
-            seconds = time.perf_counter() - t0
-            info = {"prompt": prompt, "seed": seed, "attention": "clear", **info_base}
-            save_png(image, path, info)
-            out = GenOutput(path=path, prompt=prompt, seed=seed, width=image.width, height=image.height,
-                            seconds=seconds, stages=[{"kind": "direct", "pipeline": name, "width": w, "height": h,
-                                                      "attention": "clear", "steps": steps, "seconds": seconds}])
-            say(f"  wrote {path} ({image.width}x{image.height}, {seconds:.1f} s)")
-            if cfg.compare:
-                from clear_cli.metrics.pixel import image_psnr, image_ssim
-
-                t1 = time.perf_counter()
-                full = draw(prompt, seed, "full")
-                out.full_seconds = time.perf_counter() - t1
-                out.full_path, out.compare_path = _companions(path)
-                out.psnr, out.ssim = image_psnr(image, full), image_ssim(image, full)
-                save_png(full, out.full_path, {**info, "attention": "full"})
-                save_png(side_by_side(image, full), out.compare_path,
-                         {**info, "layout": "left: CLEAR, right: full attention", "psnr_db": round(out.psnr, 3),
-                          "ssim": round(out.ssim, 5)})
-                say(f"  compare: CLEAR vs full attention PSNR {out.psnr:.2f} dB, SSIM {out.ssim:.4f} -> "
-                    f"{out.compare_path}")
-            results.append(out)
+        with compiled(pipe, cfg.compile, warn=warn) as compile_state:   # the variant shares the transformer
+            if compile_state is not None:
+                say(describe(compile_state))
+            results = _conditioned_images(draw, runner, plans, cfg, name, w, h, steps, info_base, say)
     finally:
         runner.restore()
         if cn is not None:
             unlinearize(cn)
+    return results
+
+
+def _conditioned_images(draw, runner: StageRunner, plans, cfg: GenConfig, name: str, w: int, h: int, steps: int,
+                        info_base: dict, say: Log) -> list[GenOutput]:
+    results: list[GenOutput] = []
+    for i, (prompt, seed, path) in enumerate(plans):
+        say(f"[{i + 1}/{len(plans)}] {prompt!r} seed {seed} -> {path}")
+        t0 = time.perf_counter()
+        image = draw(prompt, seed, "clear")
+        runner.sync()
+        seconds = time.perf_counter() - t0
+        info = {"prompt": prompt, "seed": seed, "attention": "clear", **info_base}
+        save_png(image, path, info)
+        out = GenOutput(path=path, prompt=prompt, seed=seed, width=image.width, height=image.height,
+                        seconds=seconds, stages=[{"kind": "direct", "pipeline": name, "width": w, "height": h,
+                                                  "attention": "clear", "steps": steps, "seconds": seconds}])
+        say(f"  wrote {path} ({image.width}x{image.height}, {seconds:.1f} s)")
+        if cfg.compare:
+            from clear_cli.metrics.pixel import image_psnr, image_ssim
+
+            t1 = time.perf_counter()
+            full = draw(prompt, seed, "full")
+            out.full_seconds = time.perf_counter() - t1
+            out.full_path, out.compare_path = _companions(path)
+            out.psnr, out.ssim = image_psnr(image, full), image_ssim(image, full)
+            save_png(full, out.full_path, {**info, "attention": "full"})
+            save_png(side_by_side(image, full), out.compare_path,
+                     {**info, "layout": "left: CLEAR, right: full attention", "psnr_db": round(out.psnr, 3),
+                      "ssim": round(out.ssim, 5)})
+            say(f"  compare: CLEAR vs full attention PSNR {out.psnr:.2f} dB, SSIM {out.ssim:.4f} -> "
+                f"{out.compare_path}")
+        results.append(out)
     return results
 
 
