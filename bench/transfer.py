@@ -170,7 +170,7 @@ def measure_lora(style_lora: str, fused: str, fused_own: Path, teacher_w: Path, 
 
     clear_lora = tmp / "clear_lora_full_rank.safetensors"
     if not clear_lora.is_file():
-        export(teacher_w, "lora", energy=1.0, out=clear_lora, overwrite=True, progress=False)
+        export(teacher_w, format="lora", energy=1.0, out=clear_lora, overwrite=True, progress=False)
     pipe = load_pipeline("tiny")
     pipe.load_lora_weights(style_lora, adapter_name="style")
     pipe.load_lora_weights(str(clear_lora), adapter_name="clear_attn")  # "clear" would clash with ModuleDict.clear

@@ -26,18 +26,10 @@ def distill(
     """
     from clear_cli.jobs.distill import distill as run
 
-    if compile is not None:
-        from clear_cli.models.compile import check_compile
-
-        set_ = [*set_, f"compile={check_compile(compile)}"]
-    result = run(recipe, overrides=list(set_), out=out, resume=resume, overwrite=overwrite, device=device,
-                 progress=progress)
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
+    result = run(str(recipe), sets=list(set_), out=out, resume=resume, overwrite=overwrite, device=device,
+                 compile=compile, progress=progress, log=print)
+    if not result.is_main:
         return
-    for note in result.notes:
-        print(f"note: {note}")
     last = result.log[-1] if result.log else None
     ran = result.steps - result.start_step
     print(f"distilled {result.steps} steps ({ran} in this run) in {result.seconds:.1f} s; "

@@ -66,13 +66,13 @@ def eval_cmd(
         cascade=cascade, coco_captions=opt(coco_captions), device=device, dtype=dtype, backend=backend,
         compile=compile, batch_size=batch_size, overwrite=overwrite, log=log, progress=not quiet,
     )
-    if result is None:  # a non-main process under accelerate
+    if not result.is_main:  # a non-main process under accelerate
         return
     if as_json:
-        print(json.dumps(result, indent=1))
+        print(json.dumps(result.data, indent=1))
     else:
-        print_table(result)
-        print(f"report: {out / result['report']}   grid: {out / result['grid']}   json: {out / 'eval.json'}")
+        print_table(result.data)
+        print(f"report: {result.report}   grid: {result.grid}   json: {result.out / 'eval.json'}")
 
 
 def print_table(result: dict, console=None) -> None:

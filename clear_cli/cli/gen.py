@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         """
         from clear_cli.jobs.generate import GenConfig, generate
 
-        cfg = GenConfig(out=out, res=res, window=window, down_factor=down_factor, weights=weights, force=force,
+        cfg = GenConfig(prompts=list(prompts or []), prompts_file=prompts_file, out=out, res=res, window=window, down_factor=down_factor, weights=weights, force=force,
                         base=base, model=model, steps=steps, refine_steps=refine_steps, guidance=guidance,
                         refine_guidance=refine_guidance, seed=seed, num_images=num_images, base_res=base_res,
                         upscale=upscale, strength=strength, ntk_factor=ntk_factor, cascade=cascade, compare=compare,
@@ -84,9 +84,7 @@ def register(app: typer.Typer) -> None:
         def log(msg: str) -> None:
             print(msg, file=sys.stderr if msg.startswith("warning:") else sys.stdout, flush=True)
 
-        outs = generate(prompts or [], cfg, prompts_file=prompts_file, log=log, progress=sys.stderr.isatty())
+        outs = generate(cfg, log=log, progress=sys.stderr.isatty())
         total = sum(o.seconds for o in outs)
-        from clear_cli.parallel.launch import is_main_process  # parallel (issue 11): one summary
-
-        if is_main_process():
+        if outs.is_main:  # parallel (issue 11): one summary
             print(f"done: {len(outs)} image(s) in {total:.1f} s")

@@ -379,7 +379,7 @@ class _Demo:
             from clear_cli.jobs.distill import distill, list_checkpoints
 
             cont = resume and bool(list_checkpoints(self.distill_dir))
-            r = distill(str(self.recipe), overrides=sets, out=str(self.distill_dir),
+            r = distill(str(self.recipe), sets=sets, out=str(self.distill_dir),
                         resume="auto" if cont else None, overwrite=not cont and self.distill_dir.exists(),
                         device="cpu" if c.device == "cpu" else "auto", progress=self.progress)
             last = r.log[-1] if r.log else {}
@@ -449,7 +449,7 @@ class _Demo:
         def run(resume: bool) -> dict:
             from clear_cli.jobs.export import export
 
-            r = export(str(self.distilled), "lora", rank=c.lora_rank, model=c.model, out=str(self.lora),
+            r = export(str(self.distilled), format="lora", rank=c.lora_rank, model=c.model, out=str(self.lora),
                        overwrite=True, device="cpu" if c.device == "cpu" else "auto", progress=self.progress)
             for line in r.summary_lines():
                 self.say(f"      {line}")

@@ -41,11 +41,11 @@ import random
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clear_cli.config import doc
+from clear_cli.config import doc, merge_options
 from clear_cli.errors import UsageError
 from clear_cli.files import atomic_write_text, save_png
 from clear_cli.flux import DEFAULT_MODEL, default_text, is_tiny, model_defaults
@@ -62,8 +62,10 @@ TEACHER_DIR = "teacher"
 
 @dataclass
 class EvalConfig:
-    """Everything `clear eval` takes besides the student files (CLI options map 1:1)."""
+    """Everything `clear eval` takes; each field is the CLI option of the same name (clear_cli/cli/options.py)."""
 
+    weights: list[str] = doc([], "student attention weights (.safetensors or REPO:FILE); several are compared side "
+                                 "by side (r = 8, 16, 32)")
     model: str = doc(DEFAULT_MODEL, "hub id, local diffusers dir, tiny or tiny-random")
     prompts: str | None = doc(None, "coco (5,000 COCO-2014-val captions), tiny (captions of held-out tiny scenes), "
                                     "builtin, or a .txt/.jsonl/.csv file (default: coco; tiny for the tiny models)")
@@ -403,18 +405,48 @@ def _validate(cfg: EvalConfig) -> None:
     check_compile(cfg.compile)
 
 
-def evaluate(students: str | Sequence[str | os.PathLike], config: EvalConfig | None = None, *,
-             pipe=None, log: Log | None = None, progress: bool = True, **options: Any) -> dict | None:
-    """Evaluate student attention files against their teacher; returns the result dict (module docstring).
+@dataclass
+class EvalResult:
+    """What `evaluate` measured: `data` is the eval.json record (module docstring); `result["students"]` etc.
+    read it as before. Under `accelerate launch` every process gets one; only the main one has `data`."""
 
-    `config` or keyword `options` (EvalConfig fields: model, prompts, n, res, steps, out, metrics, ...).
-    `pipe`: an already loaded pipeline for `model`. `log`: receives progress lines. Under `accelerate launch`
-    non-main processes draw their share and return None.
+    out: Path
+    data: dict = field(default_factory=dict)
+    is_main: bool = True
+
+    @property
+    def report(self) -> Path | None:
+        return self.out / self.data["report"] if "report" in self.data else None
+
+    @property
+    def grid(self) -> Path | None:
+        return self.out / self.data["grid"] if "grid" in self.data else None
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+
+def evaluate(config: EvalConfig | str | Sequence[str | os.PathLike] | None = None, *, log: Log | None = None,
+             progress: bool = True, pipe=None, **options: Any) -> EvalResult:
+    """Evaluate student attention files against their teacher; returns an EvalResult (module docstring).
+
+    `config` or keyword `options` (EvalConfig fields: weights, model, prompts, n, res, steps, out, metrics, ...);
+    a file or list of files in place of `config` is `weights`. `pipe`: an already loaded pipeline for `model`.
+    `log`: receives progress lines. Under `accelerate launch` every process draws its share; the main one computes
+    the metrics (`is_main`).
     """
-    try:
-        cfg = dataclasses.replace(config or EvalConfig(), **options)
-    except TypeError as e:
-        raise UsageError(f"evaluate(): {e}") from None
+    if "students" in options:  # the keyword of the first argument before 0.2
+        options["weights"] = options.pop("students")
+    cfg = merge_options(EvalConfig, config, options, job="evaluate", primary="weights")
+    out = Path(cfg.out).expanduser()
+    data = _evaluate(cfg, pipe, log, progress)
+    return EvalResult(out=out, data=data or {}, is_main=data is not None)
+
+
+def _evaluate(cfg: EvalConfig, pipe, log: Log | None, progress: bool) -> dict | None:
     say = sayer(log)
 
     warn = warner(log)
@@ -425,7 +457,7 @@ def evaluate(students: str | Sequence[str | os.PathLike], config: EvalConfig | N
     from clear_cli.metrics import parse_metrics
 
     metrics, explicit = parse_metrics(cfg.metrics)
-    files = [students] if isinstance(students, (str, os.PathLike)) else list(students)
+    files = list(cfg.weights)
     for f in files:  # before loading anything heavy
         if ":" not in str(f) and not Path(f).expanduser().is_file():
             raise UsageError(f"student file {f} not found", "pass the .safetensors file that clear distill wrote")

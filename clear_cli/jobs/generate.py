@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clear_cli.config import doc
+from clear_cli.config import doc, merge_options
+from clear_cli.devices import is_main_process
 from clear_cli.errors import UsageError
 from clear_cli.files import save_png
 from clear_cli.flux import DEFAULT_MODEL, PIXELS_PER_TOKEN, default_text, model_defaults
@@ -43,8 +44,10 @@ from clear_cli.sampling.runner import StageRunner
 
 @dataclass
 class GenConfig:
-    """Everything `clear gen` takes besides the prompts (CLI options map 1:1)."""
+    """Everything `clear gen` takes; each field is the CLI option of the same name (clear_cli/cli/options.py)."""
 
+    prompts: list[str] = doc([], "one or more prompts (quote each)")
+    prompts_file: str | None = doc(None, "text file, one prompt per line (after the prompts given directly)")
     out: str = doc("outputs", "output folder, or a .png file for a single image")
     res: str | None = doc(None, "target size: 1k|2k|4k|8k, WxH or one number (default: the base resolution)")
     window: int | None = doc(None, "CLEAR window radius in tokens (default: from the weights, else 16)")
@@ -76,6 +79,24 @@ class GenConfig:
     compile: str = doc("auto", "torch.compile of the FLUX blocks: auto (CUDA, from 2K up), on or off")
     parallel: str = doc("none", "none, patch (one image's token rows split over processes) or data (prompts split); "
                                 "needs torchrun / accelerate launch")  # parallel (issue 11)
+
+
+@dataclass
+class GenResult:
+    """What `generate` wrote: one GenOutput per image (iterate it, or index it, like the list it used to be)."""
+
+    images: list[GenOutput]
+    seconds: float
+    is_main: bool = True
+
+    def __iter__(self):
+        return iter(self.images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
 
 
 @dataclass
@@ -212,18 +233,17 @@ def _validate(cfg: GenConfig) -> None:
     check_compile(cfg.compile)
 
 
-def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, prompts_file: str | None = None,
-             pipe=None, log: Log | None = None, progress: bool = True, **options: Any) -> list[GenOutput]:
+def generate(config: GenConfig | str | Sequence[str] | None = None, *, log: Log | None = None,
+             progress: bool = True, pipe=None, **options: Any) -> GenResult:
     """Generate images with CLEAR attention and write them as PNGs; returns what was written.
 
-    `config` or keyword `options` (the GenConfig fields: res, window, weights, model, steps, out, ...).
+    `config` or keyword `options` (the GenConfig fields: prompts, res, window, weights, model, steps, out, ...);
+    a prompt or list of prompts in place of `config` is `prompts` (`generate("a cat", res="2k")`).
     `pipe`: an already loaded FluxPipeline for `config.model` (skips loading). `log`: receives progress lines
     (stage sizes, start sigmas, times, FLOPs) and warnings; None keeps quiet and sends warnings to `warnings`.
     """
-    try:
-        cfg = dataclasses.replace(config or GenConfig(), **options)
-    except TypeError as e:
-        raise UsageError(f"generate(): {e}") from None
+    t_start = time.perf_counter()
+    cfg = merge_options(GenConfig, config, options, job="generate", primary="prompts")
     # --- parallel (issue 11): join the process group, this process's device, one copy of the log ---
     from clear_cli.parallel.launch import start_parallel
 
@@ -237,7 +257,7 @@ def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, p
     warn = warner(log)
 
     _validate(cfg)
-    plist = read_prompts([prompts] if isinstance(prompts, str) else list(prompts), prompts_file)
+    plist = read_prompts(list(cfg.prompts), cfg.prompts_file)
     defaults = model_defaults(cfg.model)
     base_res = defaults.base_res if cfg.base_res is None else parse_res(cfg.base_res, "--base-res")[0]
     target = parse_res(cfg.res, "--res") if cfg.res is not None else (base_res, base_res)
@@ -330,7 +350,7 @@ def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, p
         runner.restore()
         if hasattr(pipe, "maybe_free_model_hooks"):
             pipe.maybe_free_model_hooks()
-    return results
+    return GenResult(images=results, seconds=time.perf_counter() - t_start, is_main=is_main_process())
 
 
 def _run_all(runner: StageRunner, plans, stages: list[Stage], cfg: GenConfig, base_info: dict, target: tuple[int, int],
