@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
                                    backends=names, repeats=repeats, max_full_tflop=max_full_tflop,
                                    timing=not no_timing)
         log = None if json_out else (lambda s: typer.echo(s, err=True))
-        rows = bench_attention(cfg, log=log)
+        rows = bench_attention(cfg, log=log).rows
         if json_out:
             print(json.dumps(rows, indent=2))
         else:

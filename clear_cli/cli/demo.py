@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(_D.model, "--model", help="tiny (the built-in FLUX that draws) or tiny-random "
                                   "(plumbing only)."),
         window: int = typer.Option(_D.window, "--window", help="CLEAR window radius in tokens."),
-        samples: int = typer.Option(_D.samples, "--samples", help="Scenes the teacher draws for distillation."),
+        n: int = typer.Option(_D.n, "--n", "--samples", help="Scenes the teacher draws for distillation."),
         synth_steps: int = typer.Option(_D.synth_steps, "--synth-steps", help="Denoising steps per synth image."),
         distill_steps: int = typer.Option(_D.distill_steps, "--distill-steps", help="Distillation optimizer steps."),
         checkpoint_every: int = typer.Option(_D.checkpoint_every, "--checkpoint-every", help="Distillation "
@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
             if not quiet:
                 print(msg, file=sys.stderr, flush=True)
 
-        result = run(out=out, overwrite=overwrite, model=model, window=window, samples=samples,
+        result = run(out=out, overwrite=overwrite, model=model, window=window, n=n,
                      synth_steps=synth_steps, distill_steps=distill_steps, checkpoint_every=checkpoint_every,
                      eval_n=eval_n, eval_steps=eval_steps, res=res, gen_res=gen_res, lora_rank=lora_rank,
                      sets=list(set_), recipe=recipe, seed=seed, device=device, threads=threads, log=log,

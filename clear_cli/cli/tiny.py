@@ -30,21 +30,12 @@ def train_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete a previous run in --out and start again."),
 ) -> None:
     """Train the tiny VAE, then the tiny FLUX transformer by flow matching; seeded and resumable."""
-    from clear_cli.errors import UsageError
-    from clear_cli.tiny.train import config_from_options, install_weights, train
+    from clear_cli.tiny.train import config_from_options, train
 
-    if minutes is not None and minutes <= 0:
-        raise UsageError(f"--minutes must be positive, got {minutes}")
     cfg = config_from_options(seed=seed, res=res, steps=steps, vae_steps=vae_steps, batch=batch,
                               cache_size=cache_size, threads=threads)
-    result = train(out, cfg, minutes=minutes, resume=resume, overwrite=overwrite, device=device)
-    if not result.finished:
-        print(f"stopped at the time limit in stage {result.stage}, step {result.step} "
-              f"({result.seconds / 60:.1f} min so far); continue with: clear tiny train --out {out} --resume auto")
-        return
-    print(f"done in {result.seconds / 60:.1f} min: {result.weights}")
-    if install and result.weights is not None:
-        print(f"installed: {install_weights(result.weights)}")
+    train(cfg, out=str(out), minutes=minutes, resume=resume, overwrite=overwrite, device=device, install=install,
+          log=print)
 
 
 @tiny_app.command("check")
@@ -59,17 +50,10 @@ def check_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the figures as JSON here."),
 ) -> None:
     """Colour following (vs the random model), attention locality, and CLEAR without distillation."""
-    import json
+    from clear_cli.tiny.checks import check
 
-    from clear_cli.tiny.checks import run_checks
-
-    res = run_checks(model, n=n, steps=steps, locality=locality, clear=clear, device=device, start=start,
-                     log=lambda line: print(line, flush=True))
-    if out is not None:
-        from clear_cli.files import atomic_write_text
-
-        atomic_write_text(out, json.dumps(res, indent=1))
-        print(f"wrote {out}")
+    check(model=model, n=n, steps=steps, locality=locality, clear=clear, device=device, start=start,
+          out=None if out is None else str(out), log=lambda line: print(line, flush=True))
 
 
 def register(app: typer.Typer) -> None:

@@ -14,12 +14,12 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from clear_cli.attention.counting import attention_flops, count_pairs, full_pairs, image_pairs, paper_pairs
-from clear_cli.config import doc
+from clear_cli.config import doc, merge_options
 from clear_cli.flux import HEAD_DIM, HEADS, PIXELS_PER_TOKEN, TEXT_LEN
-from clear_cli.logs import sayer
+from clear_cli.logs import Log, sayer
 from clear_cli.resolution import token_grid
 
 
@@ -40,7 +40,23 @@ class AttentionBenchConfig:
     max_full_tflop: float = doc(0.0, "Skip timing full attention above this many TFLOPs (0: 2 on CPU, 2000 on CUDA).")
     max_tokens_cuda_full: int = doc(300_000, "Skip full attention beyond this many tokens on CUDA.")
     timing: bool = doc(True, "Measure times (off: work counts only).")
-    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class BenchResult:
+    """One row (a dict, module docstring) per resolution; iterate or index it like the list it used to be."""
+
+    rows: list[dict]
+    is_main: bool = True
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
 
 
 def schedule_work(backend: str, grid: tuple[int, int], text_len: int, window: int, down_factor: int = 1,
@@ -78,8 +94,12 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def bench_attention(cfg: AttentionBenchConfig, log: Callable[[str], None] | None = None) -> list[dict]:
-    """Run the benchmark; one dict per resolution (see the module docstring for the fields)."""
+def bench_attention(config: AttentionBenchConfig | None = None, *, log: Log | None = None, progress: bool = True,
+                    **options: Any) -> BenchResult:
+    """Run the benchmark; one row per resolution (see the module docstring for the fields).
+
+    `config` or keyword `options` (AttentionBenchConfig fields). `log`: one line per measurement."""
+    cfg = merge_options(AttentionBenchConfig, config, options, job="bench_attention")
     import torch
     import torch.nn.functional as F
 
@@ -189,7 +209,7 @@ def bench_attention(cfg: AttentionBenchConfig, log: Callable[[str], None] | None
         del q, k, v
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
+    return BenchResult(rows)
 
 
 def _sync(device) -> None:

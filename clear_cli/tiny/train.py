@@ -32,8 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clear_cli.config import doc, to_dict
+from clear_cli.config import doc, merge_options, to_dict
 from clear_cli.errors import ClearError, UsageError
+from clear_cli.logs import Log, sayer
 from clear_cli.files import atomic_copy, atomic_write_text, remove_owned, save_safetensors
 from clear_cli.models import tiny
 from clear_cli.tiny import scenes
@@ -43,8 +44,14 @@ OWNED = ("state.json", "train_log.jsonl", "checkpoints", RESULT_NAME)  # all tha
 STAGES = ("vae", "cache", "flux", "decoder", "done")
 
 
+# How a call runs, not what it trains: never recorded in the run's state, so they may change on resume.
+RUN_FIELDS = ("out", "minutes", "resume", "overwrite", "device", "install")
+
+
 @dataclass
 class TinyTrainConfig:
+    """`clear tiny train`: the recipe of the tiny teacher, then how this call runs (RUN_FIELDS)."""
+
     seed: int = doc(0, "seed of the model init, the scenes, the noise and every batch")
     res: int = doc(128, "training resolution of the transformer (pixels, multiple of 16)")
     vae_steps: int = doc(3000, "VAE optimizer steps")
@@ -68,6 +75,17 @@ class TinyTrainConfig:
     ckpt_every: int = doc(200, "checkpoint every N steps (and at the end of each stage / the time limit)")
     log_every: int = doc(10, "write the mean loss to train_log.jsonl every N steps")
     threads: int = doc(2, "torch CPU threads")
+    out: str = doc("out/tiny", "run folder: checkpoints, train_log.jsonl, the result")
+    minutes: float | None = doc(None, "stop (with a checkpoint) after this many minutes")
+    resume: str | None = doc(None, "`auto`: continue the run in --out")
+    overwrite: bool = doc(False, "delete a previous run in --out and start again")
+    device: str = doc("cpu", "cpu (the documented recipe), auto, cuda or cuda:N")
+    install: bool = doc(False, "copy the result to the package (the shipped weights)")
+
+
+def _recipe(cfg: TinyTrainConfig) -> dict:
+    """What the run records and a resume compares: the config without RUN_FIELDS."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in RUN_FIELDS}
 
 
 @dataclass
@@ -356,21 +374,37 @@ def _run_stage(name: str, run: _Run, model: torch.nn.Module, opt: torch.optim.Op
     return True, total
 
 
-def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float | None = None,
-          resume: str | None = None, overwrite: bool = False, progress: bool = True,
-          device: str | torch.device = "cpu",
-          on_step: Callable[[str, int, float], None] | None = None) -> TrainResult:
+def train(config: TinyTrainConfig | None = None, *, log: Log | None = None, progress: bool = True,
+          on_step: Callable[[str, int, float], None] | None = None, **options: Any) -> TrainResult:
     """Train (or resume) the tiny teacher in `out`; returns where it stopped.
 
-    resume: None (fresh; refuses a folder that already holds a run unless overwrite), "auto" (continue the
-    run in `out` from its latest checkpoints; starts fresh if there is none). minutes: wall-clock limit for
-    this call; at the limit a checkpoint is written and `finished` is False (rerun with resume="auto").
-    device: where the models train (the recipe is the same; numbers differ within float noise).
+    `config` or keyword `options` (TinyTrainConfig fields). resume: None (fresh; refuses a folder that already
+    holds a run unless overwrite), "auto" (continue the run in `out` from its latest checkpoints; starts fresh if
+    there is none). minutes: wall-clock limit for this call; at the limit a checkpoint is written and `finished`
+    is False (rerun with resume="auto"). device: where the models train (the recipe is the same; numbers differ
+    within float noise). install: copy a finished result over the shipped weights. `log`: where it stopped.
     """
+    cfg = merge_options(TinyTrainConfig, config, options, job="train")
+    if cfg.minutes is not None and cfg.minutes <= 0:
+        raise UsageError(f"--minutes must be positive, got {cfg.minutes}")
+    result = _train(Path(cfg.out), cfg, minutes=cfg.minutes, resume=cfg.resume, overwrite=cfg.overwrite,
+                    progress=progress, device=cfg.device, on_step=on_step)
+    say = sayer(log)
+    if not result.finished:
+        say(f"stopped at the time limit in stage {result.stage}, step {result.step} ({result.seconds / 60:.1f} min "
+            f"so far); continue with: clear tiny train --out {cfg.out} --resume auto")
+        return result
+    say(f"done in {result.seconds / 60:.1f} min: {result.weights}")
+    if cfg.install and result.weights is not None:
+        say(f"installed: {install_weights(result.weights)}")
+    return result
+
+
+def _train(out: Path, cfg: TinyTrainConfig, *, minutes: float | None, resume: str | None, overwrite: bool,
+           progress: bool, device: str, on_step: Callable[[str, int, float], None] | None) -> TrainResult:
     from clear_cli.devices import resolve_device
 
     dev = resolve_device(str(device))
-    cfg = cfg or TinyTrainConfig()
     if cfg.res % 16 or cfg.res < 32:
         raise UsageError(f"--res must be a multiple of 16 and at least 32, got {cfg.res}")
     if resume not in (None, "auto"):
@@ -386,7 +420,7 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
         prev = None
     if prev is not None:
         saved = prev.get("config", {})
-        mine = json.loads(json.dumps(to_dict(cfg)))
+        mine = json.loads(json.dumps(_recipe(cfg)))
         diff = [k for k in mine if k not in ("threads", "steps") and saved.get(k) != mine[k]]
         if mine["steps"] < saved.get("steps", 0):
             diff.append("steps (fewer than the run already has)")
@@ -407,7 +441,7 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
     run.clock = lambda: spent + time.monotonic() - t_start
 
     def save_state(stage_now: str, step: int) -> None:
-        run.write_state(stage=stage_now, step=step, config=to_dict(cfg),
+        run.write_state(stage=stage_now, step=step, config=_recipe(cfg),
                         seconds=run.clock())
 
     comps = tiny.build_components(seed=cfg.seed)
@@ -503,7 +537,7 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
     seconds = run.clock()
     result = out / RESULT_NAME
     tiny.save_trained(comps, result, metadata={
-        "config": json.dumps(to_dict(cfg)), "seconds": f"{seconds:.0f}", "torch": torch.__version__,
+        "config": json.dumps(_recipe(cfg)), "seconds": f"{seconds:.0f}", "torch": torch.__version__,
         "command": "clear tiny train", "format": "clear-tiny-flux-1",
     })
     save_state("done", cfg.steps)
@@ -597,12 +631,8 @@ def load_flux_checkpoint(components: dict[str, Any], path: str | Path) -> dict[s
 
 
 def config_from_options(**overrides: Any) -> TinyTrainConfig:
-    """A config with the given non-None fields replaced (unknown names are a usage error)."""
-    names = {f.name for f in dataclasses.fields(TinyTrainConfig)}
-    bad = [k for k in overrides if k not in names]
-    if bad:
-        raise UsageError(f"unknown tiny training setting(s): {', '.join(bad)}")
-    return dataclasses.replace(TinyTrainConfig(), **{k: v for k, v in overrides.items() if v is not None})
+    """A config with the given non-None fields replaced (unknown names are a usage error with a did-you-mean)."""
+    return merge_options(TinyTrainConfig, None, {k: v for k, v in overrides.items() if v is not None}, job="train")
 
 
 def install_weights(path: str | Path) -> Path:
