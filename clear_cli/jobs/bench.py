@@ -26,16 +26,18 @@ from clear_cli.resolution import token_grid
 @dataclass
 class AttentionBenchConfig:
     res: list[str] = doc(["1k", "2k", "4k", "8k"], "Resolutions: 1k, 2k, 4k, 8k, 1024, or WxH in pixels "
-                                                   f"({PIXELS_PER_TOKEN} px per token).")
+                                                   f"({PIXELS_PER_TOKEN} px per token), comma-separated.",
+                          cli_split=",")
     window: int = doc(16, "CLEAR window radius in tokens.")
     down_factor: int = doc(1, "Down-sampling factor of the pooled keys (1 = none).")
     heads: int = doc(HEADS, f"Attention heads (FLUX: {HEADS}).")
     head_dim: int = doc(HEAD_DIM, f"Head dimension (FLUX: {HEAD_DIM}).")
     text_len: int = doc(TEXT_LEN, f"Text tokens (FLUX.1-dev: {TEXT_LEN}).")
-    batch: int = doc(1, "Batch size.")
+    batch_size: int = doc(1, "Batch size.")
     device: str = doc("auto", "auto, cpu, cuda, cuda:N.")
     dtype: str = doc("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")
-    backends: list[str] = doc(["auto"], "CLEAR backends to time: auto, tiled, flex, triton, reference.")
+    backends: list[str] = doc(["auto"], "CLEAR backends to time, comma-separated: auto, tiled, flex, triton, "
+                                        "reference.", cli_split=",")
     repeats: int = doc(3, "Timed repeats per kernel (after one warm-up); medians are reported.")
     max_full_tflop: float = doc(0.0, "Skip timing full attention above this many TFLOPs (0: 2 on CPU, 2000 on CUDA).")
     max_tokens_cuda_full: int = doc(300_000, "Skip full attention beyond this many tokens on CUDA.")
@@ -99,6 +101,8 @@ def bench_attention(config: AttentionBenchConfig | None = None, *, log: Log | No
     """Run the benchmark; one row per resolution (see the module docstring for the fields).
 
     `config` or keyword `options` (AttentionBenchConfig fields). `log`: one line per measurement."""
+    if "batch" in options:  # the name before 0.2
+        options["batch_size"] = options.pop("batch")
     cfg = merge_options(AttentionBenchConfig, config, options, job="bench_attention")
     import torch
     import torch.nn.functional as F
@@ -131,7 +135,7 @@ def bench_attention(config: AttentionBenchConfig | None = None, *, log: Log | No
             "schedules": {},
             "times_s": {}, "speedup": {}, "efficiency": {}, "peak_mb": {}, "notes": [],
         }
-        shape = (cfg.batch, cfg.heads, n, cfg.head_dim)
+        shape = (cfg.batch_size, cfg.heads, n, cfg.head_dim)
         auto, why = choose_backend(device, dtype, shape, grid, t, cfg.window, cfg.down_factor)
         row["auto"] = {"backend": auto, "why": why}
         # what to time: the names asked for, `auto` under the name of what it runs (once if asked twice)
@@ -154,10 +158,10 @@ def bench_attention(config: AttentionBenchConfig | None = None, *, log: Log | No
             row["notes"].append(f"inputs do not fit: {e}".splitlines()[0])
             continue
         kernels: dict[str, Callable] = {}
-        if row["full_tflop"] * cfg.batch <= max_full and (device.type == "cpu" or n <= cfg.max_tokens_cuda_full):
+        if row["full_tflop"] * cfg.batch_size <= max_full and (device.type == "cpu" or n <= cfg.max_tokens_cuda_full):
             kernels["full"] = lambda: F.scaled_dot_product_attention(q, k, v)
         else:
-            row["notes"].append(f"full attention not timed ({row['full_tflop'] * cfg.batch:.1f} TFLOP > "
+            row["notes"].append(f"full attention not timed ({row['full_tflop'] * cfg.batch_size:.1f} TFLOP > "
                                 f"{max_full:g} on {device.type}; raise --max-full-tflop to force)")
         for b in backends:
             ask = "auto" if b == auto and "auto" in cfg.backends else b   # `auto` keeps its shortcut and fallbacks

@@ -458,6 +458,9 @@ def _evaluate(cfg: EvalConfig, pipe, log: Log | None, progress: bool) -> dict | 
 
     metrics, explicit = parse_metrics(cfg.metrics)
     files = list(cfg.weights)
+    if not files:
+        raise UsageError("no student weights given", "pass the file clear distill wrote: --weights "
+                         "out/clear_attn.safetensors (repeat --weights for several)")
     for f in files:  # before loading anything heavy
         if ":" not in str(f) and not Path(f).expanduser().is_file():
             raise UsageError(f"student file {f} not found", "pass the .safetensors file that clear distill wrote")

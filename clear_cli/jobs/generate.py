@@ -63,7 +63,7 @@ class GenConfig:
     guidance: float = doc(3.5, "guidance of the base (or direct) stage")
     refine_guidance: float = doc(7.5, "guidance of refinement stages (the authors' 7.5)")
     seed: int = doc(0, "seed of the first image; image k of a prompt uses seed + k")
-    num_images: int = doc(1, "images per prompt")
+    n: int = doc(1, "images per prompt")
     base_res: str | None = doc(None, "base resolution of the cascade, about its square "
                                      f"(default {default_text('base_res', flux='1k')})")
     upscale: int = doc(2, "upscale factor per refinement stage (the last stage lands on the target)")
@@ -153,7 +153,7 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | os.PathLike | None 
 def plan_outputs(prompts: list[str], cfg: GenConfig) -> list[tuple[str, int, Path]]:
     """(prompt, seed, path) for every image, in order; names are `<slug>_<seed>.png` in the output folder."""
     out = Path(cfg.out).expanduser()
-    jobs = [(p, cfg.seed + k) for p in prompts for k in range(cfg.num_images)]
+    jobs = [(p, cfg.seed + k) for p in prompts for k in range(cfg.n)]
     if out.suffix.lower() == ".png":
         if len(jobs) != 1:
             raise UsageError(f"--out {out} names one file but {len(jobs)} images are asked for",
@@ -212,7 +212,7 @@ def _validate(cfg: GenConfig) -> None:
         (cfg.steps is not None and cfg.steps < 1, f"--steps {cfg.steps} must be at least 1", None),
         (cfg.refine_steps is not None and cfg.refine_steps < 1, f"--refine-steps {cfg.refine_steps} must be >= 1",
          None),
-        (cfg.num_images < 1, f"--num-images {cfg.num_images} must be at least 1", None),
+        (cfg.n < 1, f"--n {cfg.n} must be at least 1", None),
         (not 0 < cfg.strength <= 1, f"--strength {cfg.strength} must be in (0, 1]", "the authors use 0.7"),
         (cfg.upscale < 2, f"--upscale {cfg.upscale} must be at least 2", "2 or 4"),
         (cfg.ntk_factor is not None and not cfg.ntk_factor > 0, f"--ntk-factor {cfg.ntk_factor} must be > 0",
@@ -243,6 +243,8 @@ def generate(config: GenConfig | str | Sequence[str] | None = None, *, log: Log 
     (stage sizes, start sigmas, times, FLOPs) and warnings; None keeps quiet and sends warnings to `warnings`.
     """
     t_start = time.perf_counter()
+    if "num_images" in options:  # the name before 0.2
+        options["n"] = options.pop("num_images")
     cfg = merge_options(GenConfig, config, options, job="generate", primary="prompts")
     # --- parallel (issue 11): join the process group, this process's device, one copy of the log ---
     from clear_cli.parallel.launch import start_parallel

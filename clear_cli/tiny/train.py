@@ -62,7 +62,7 @@ class TinyTrainConfig:
     object_weight: float = doc(4.0, "reconstruction weight of object pixels vs background (objects are small)")
     cache_size: int = doc(8192, "scenes encoded once to latents for the transformer stage")
     steps: int = doc(6000, "transformer optimizer steps (more on --resume auto extends a finished run)")
-    batch: int = doc(64, "transformer batch")
+    batch_size: int = doc(64, "transformer batch")
     lr: float = doc(1e-3, "transformer learning rate (AdamW, warmup then cosine to 10%)")
     warmup: int = doc(100, "transformer warmup steps")
     ema: float = doc(0.998, "EMA decay of the trained weights (the EMA is what ships)")
@@ -84,8 +84,9 @@ class TinyTrainConfig:
 
 
 def _recipe(cfg: TinyTrainConfig) -> dict:
-    """What the run records and a resume compares: the config without RUN_FIELDS."""
-    return {k: v for k, v in to_dict(cfg).items() if k not in RUN_FIELDS}
+    """What the run records and a resume compares: the config without RUN_FIELDS (`batch_size` under its old
+    key `batch`, so runs started before 0.2 resume)."""
+    return {("batch" if k == "batch_size" else k): v for k, v in to_dict(cfg).items() if k not in RUN_FIELDS}
 
 
 @dataclass
@@ -384,6 +385,8 @@ def train(config: TinyTrainConfig | None = None, *, log: Log | None = None, prog
     is False (rerun with resume="auto"). device: where the models train (the recipe is the same; numbers differ
     within float noise). install: copy a finished result over the shipped weights. `log`: where it stopped.
     """
+    if "batch" in options:  # the name before 0.2
+        options["batch_size"] = options.pop("batch")
     cfg = merge_options(TinyTrainConfig, config, options, job="train")
     if cfg.minutes is not None and cfg.minutes <= 0:
         raise UsageError(f"--minutes must be positive, got {cfg.minutes}")
@@ -554,7 +557,7 @@ def _flux_stage(cfg, run, pipe, latents, seeds, captions, dev, resume, deadline,
     ema = {k: v.detach().clone() for k, v in tr.state_dict().items()}
 
     def flux_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        idx = _rng(cfg, 2, step).integers(0, len(latents), size=cfg.batch)
+        idx = _rng(cfg, 2, step).integers(0, len(latents), size=cfg.batch_size)
         sel = torch.from_numpy(idx)
         loss = flux_loss(pipe, latents[sel.to(dev)], [captions[i] for i in idx], _torch_gen(cfg, 2, step),
                          tuple(cfg.guidance_range), cfg.train_text, weights[sel].to(dev))
@@ -632,6 +635,8 @@ def load_flux_checkpoint(components: dict[str, Any], path: str | Path) -> dict[s
 
 def config_from_options(**overrides: Any) -> TinyTrainConfig:
     """A config with the given non-None fields replaced (unknown names are a usage error with a did-you-mean)."""
+    if "batch" in overrides:  # the name before 0.2
+        overrides["batch_size"] = overrides.pop("batch")
     return merge_options(TinyTrainConfig, None, {k: v for k, v in overrides.items() if v is not None}, job="train")
 
 
