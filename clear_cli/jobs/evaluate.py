@@ -215,7 +215,7 @@ def load_students(files: Sequence[str | os.PathLike], pipe, window: int | None, 
     from clear_cli.models.weights import load_attention_weights, materialize, resolve_geometry
 
     if not files:
-        raise UsageError("no student given", "pass --student FILE (e.g. out/clear_attn.safetensors)")
+        raise UsageError("no student given", "pass --weights FILE (e.g. out/clear_attn.safetensors)")
     students: list[Student] = []
     names: set[str] = set()
     for f in files:

@@ -36,7 +36,7 @@ def _args(setup, out: Path, *extra: str, students=("full", "r1")) -> list[str]:
     args = ["eval", "--model", "tiny-random", "--prompts", "builtin", "--n", str(N), "--res", RES, "--steps", STEPS,
             "--out", str(out), "--quiet", *setup["nets"], *extra]
     for s in students:
-        args += ["--student", str(setup[s])]
+        args += ["--weights", str(setup[s])]
     return args
 
 
