@@ -241,6 +241,9 @@ def generate(config: GenConfig | str | Sequence[str] | None = None, *, log: Log 
     a prompt or list of prompts in place of `config` is `prompts` (`generate("a cat", res="2k")`).
     `pipe`: an already loaded FluxPipeline for `config.model` (skips loading). `log`: receives progress lines
     (stage sizes, start sigmas, times, FLOPs) and warnings; None keeps quiet and sends warnings to `warnings`.
+
+    The steps, in order: check every input before anything loads (`_check`), the attention weights and their
+    geometry (`_weights`), the pipeline (`_load`), the stage plan, then each image (`_run_all`).
     """
     t_start = time.perf_counter()
     if "num_images" in options:  # the name before 0.2
@@ -254,17 +257,69 @@ def generate(config: GenConfig | str | Sequence[str] | None = None, *, log: Log 
         cfg = dataclasses.replace(cfg, device=par.device)
         log, progress = par.main_only(log), progress and par.is_main
     # --- end parallel ---
-    say = sayer(log)
+    say, warn = sayer(log), warner(log)
+    c = _check(cfg)
+    weights, window, down = _weights(cfg, c, pipe, say, warn)
+    pipe = _load(cfg, c.device, pipe)
+    from clear_cli.models import text_len
 
-    warn = warner(log)
+    train_seq_len = (c.defaults.base_res // PIXELS_PER_TOKEN) ** 2 + text_len(pipe)
+    stages = plan_stages(c.target, pipe.scheduler.config, base_res=c.base_res, train_res=c.defaults.base_res,
+                         upscale=cfg.upscale, strength=cfg.strength, steps=c.steps, refine_steps=c.refine_steps,
+                         guidance=cfg.guidance, refine_guidance=cfg.refine_guidance, cascade=cfg.cascade,
+                         ntk_factor=cfg.ntk_factor, down_factor=down)
+    plan_txt = " -> ".join(f"{s.width}x{s.height}" for s in stages)
+    say(f"plan: {plan_txt} ({'cascade' if len(stages) > 1 else 'direct'}), window {window}, down_factor {down}, "
+        f"model {cfg.model} on {pipe._execution_device} {str(pipe.transformer.dtype).replace('torch.', '')}")
+    if par is None:
+        runner = StageRunner(pipe, window, down, cfg.backend, weights, train_seq_len)
+    else:  # parallel (issue 11)
+        from clear_cli.parallel.generation import make_runner
 
+        runner = make_runner(par, pipe, window, down, cfg.backend, weights, train_seq_len)
+    base_info = _base_info(cfg, c, weights, window, down, stages)
+    from clear_cli.models.compile import compiled, describe
+
+    try:
+        # patch parallelism exchanges halos inside attention: compiled only on request
+        mode = "off" if cfg.parallel == "patch" and cfg.compile == "auto" else cfg.compile
+        with compiled(pipe, mode, warn=warn) as compile_state:
+            if compile_state is not None:
+                say(describe(compile_state))
+            if par is None:
+                results = _run_all(runner, c.plans, stages, cfg, base_info, c.target, progress, say)
+            else:  # parallel (issue 11)
+                from clear_cli.parallel.generation import run_images
+
+                results = run_images(par, _run_all, runner, c.plans, stages, cfg, base_info, c.target, progress,
+                                     say)
+    finally:
+        runner.restore()
+        if hasattr(pipe, "maybe_free_model_hooks"):
+            pipe.maybe_free_model_hooks()
+    return GenResult(images=results, seconds=time.perf_counter() - t_start, is_main=is_main_process())
+
+
+@dataclass
+class _Checked:
+    """What `_check` resolved from the config: sizes, step counts, output files, the device."""
+
+    defaults: Any
+    base_res: int
+    target: tuple[int, int]
+    steps: int
+    refine_steps: int
+    plans: list[tuple[str, int, Path]]
+    device: Any
+
+
+def _check(cfg: GenConfig) -> _Checked:
+    """Every input that can be checked without a model (options, prompts, sizes, outputs, device, backend)."""
     _validate(cfg)
     plist = read_prompts(list(cfg.prompts), cfg.prompts_file)
     defaults = model_defaults(cfg.model)
     base_res = defaults.base_res if cfg.base_res is None else parse_res(cfg.base_res, "--base-res")[0]
     target = parse_res(cfg.res, "--res") if cfg.res is not None else (base_res, base_res)
-    steps = cfg.steps or defaults.steps
-    refine_steps = cfg.refine_steps or defaults.refine_steps
     plans = plan_outputs(plist, cfg)
     check_outputs(plans, compare=cfg.compare, overwrite=cfg.overwrite)
     from clear_cli.devices import resolve_device, resolve_dtype
@@ -279,16 +334,21 @@ def generate(config: GenConfig | str | Sequence[str] | None = None, *, log: Log 
         check_backend(cfg.backend, dev)   # e.g. triton without CUDA
     except ValueError as e:
         raise UsageError(f"--backend: {e}") from None
+    return _Checked(defaults, base_res, target, cfg.steps or defaults.steps,
+                    cfg.refine_steps or defaults.refine_steps, plans, dev)
 
+
+def _weights(cfg: GenConfig, c: _Checked, pipe, say: Log, warn: Log):
+    """(weights or None, window, down_factor): read, checked against the model and the device, rebased."""
     from clear_cli.models.weights import load_attention_weights, resolve_geometry
 
     weights = load_attention_weights(cfg.weights) if cfg.weights else None
     notes: list[str] = []
     window, down = resolve_geometry(weights, cfg.window, cfg.down_factor, force=cfg.force, notes=notes)
-    check_target(target, down)
+    check_target(c.target, down)
     from clear_cli.models import fit
 
-    fit.check_gen(cfg, dev, target, weights, pipe)  # the weights fit the architecture, the largest stage the device
+    fit.check_gen(cfg, c.device, c.target, weights, pipe)  # the weights fit the architecture, the largest stage
     for n in notes:
         warn(n)
     if weights is None:
@@ -299,60 +359,37 @@ def generate(config: GenConfig | str | Sequence[str] | None = None, *, log: Log 
 
         weights = for_model(weights, cfg.model, cfg.base, warn=warn)  # another base: refused, or a delta (--base)
         say(f"weights: {weights.describe()}")
+    return weights, window, down
 
+
+def _load(cfg: GenConfig, dev, pipe):
+    if pipe is not None:
+        return pipe
+    from clear_cli.devices import resolve_dtype
+    from clear_cli.models import load_pipeline
+
+    if cfg.offload:
+        pipe = load_pipeline(cfg.model, device=None, dtype=resolve_dtype(cfg.dtype, dev))
+        pipe.enable_model_cpu_offload(device=dev)
+        return pipe
+    return load_pipeline(cfg.model, device=dev, dtype=cfg.dtype)
+
+
+def _base_info(cfg: GenConfig, c: _Checked, weights, window: int, down: int, stages: list[Stage]) -> dict:
+    """What every PNG records in its text chunks besides its own prompt, seed and stages."""
     from clear_cli import __version__
-    from clear_cli.models import load_pipeline, text_len
 
-    if pipe is None:
-        if cfg.offload:
-            pipe = load_pipeline(cfg.model, device=None, dtype=resolve_dtype(cfg.dtype, dev))
-            pipe.enable_model_cpu_offload(device=dev)
-        else:
-            pipe = load_pipeline(cfg.model, device=dev, dtype=cfg.dtype)
-    train_res = defaults.base_res
-    train_seq_len = (train_res // PIXELS_PER_TOKEN) ** 2 + text_len(pipe)
-    stages = plan_stages(target, pipe.scheduler.config, base_res=base_res, train_res=train_res, upscale=cfg.upscale,
-                         strength=cfg.strength, steps=steps, refine_steps=refine_steps, guidance=cfg.guidance,
-                         refine_guidance=cfg.refine_guidance, cascade=cfg.cascade, ntk_factor=cfg.ntk_factor,
-                         down_factor=down)
-    plan_txt = " -> ".join(f"{s.width}x{s.height}" for s in stages)
-    say(f"plan: {plan_txt} ({'cascade' if len(stages) > 1 else 'direct'}), window {window}, down_factor {down}, "
-        f"model {cfg.model} on {pipe._execution_device} {str(pipe.transformer.dtype).replace('torch.', '')}")
-    if par is None:
-        runner = StageRunner(pipe, window, down, cfg.backend, weights, train_seq_len)
-    else:  # parallel (issue 11)
-        from clear_cli.parallel.generation import make_runner
-
-        runner = make_runner(par, pipe, window, down, cfg.backend, weights, train_seq_len)
-    w, h = target
-    base_info = {
+    cascade = len(stages) > 1
+    w, h = c.target
+    return {
         "model": cfg.model, "window": window, "down_factor": down,
         "weights": weights.source if weights else "none (zero-shot)",
         "weights_sha256": weights.sha256 if weights else "",
         "weights_base": cfg.base,
-        "steps": steps, "refine_steps": refine_steps if len(stages) > 1 else None, "guidance": cfg.guidance,
-        "refine_guidance": cfg.refine_guidance if len(stages) > 1 else None,
-        "strength": cfg.strength if len(stages) > 1 else None, "size": f"{w}x{h}", "software": f"clear-dit {__version__}",
+        "steps": c.steps, "refine_steps": c.refine_steps if cascade else None, "guidance": cfg.guidance,
+        "refine_guidance": cfg.refine_guidance if cascade else None,
+        "strength": cfg.strength if cascade else None, "size": f"{w}x{h}", "software": f"clear-dit {__version__}",
     }
-    from clear_cli.models.compile import compiled, describe
-
-    try:
-        # patch parallelism exchanges halos inside attention: compiled only on request
-        mode = "off" if cfg.parallel == "patch" and cfg.compile == "auto" else cfg.compile
-        with compiled(pipe, mode, warn=warn) as compile_state:
-            if compile_state is not None:
-                say(describe(compile_state))
-            if par is None:
-                results = _run_all(runner, plans, stages, cfg, base_info, target, progress, say)
-            else:  # parallel (issue 11)
-                from clear_cli.parallel.generation import run_images
-
-                results = run_images(par, _run_all, runner, plans, stages, cfg, base_info, target, progress, say)
-    finally:
-        runner.restore()
-        if hasattr(pipe, "maybe_free_model_hooks"):
-            pipe.maybe_free_model_hooks()
-    return GenResult(images=results, seconds=time.perf_counter() - t_start, is_main=is_main_process())
 
 
 def _run_all(runner: StageRunner, plans, stages: list[Stage], cfg: GenConfig, base_info: dict, target: tuple[int, int],
