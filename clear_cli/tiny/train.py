@@ -405,32 +405,13 @@ def train(config: TinyTrainConfig | None = None, *, log: Log | None = None, prog
 
 def _train(out: Path, cfg: TinyTrainConfig, *, minutes: float | None, resume: str | None, overwrite: bool,
            progress: bool, device: str, on_step: Callable[[str, int, float], None] | None) -> TrainResult:
+    """The four stages in order, each resumable from its checkpoints: the VAE (`--vae-*`), the latent cache
+    (`--cache-size`), the transformer (`--steps`, `--batch-size`, `--lr`, `--warmup`, `--ema`, `--train-text`),
+    the decoder (`--decoder-*`); then the result file. `--minutes` stops any stage with a checkpoint."""
     from clear_cli.devices import resolve_device
 
     dev = resolve_device(str(device))
-    if cfg.res % 16 or cfg.res < 32:
-        raise UsageError(f"--res must be a multiple of 16 and at least 32, got {cfg.res}")
-    if resume not in (None, "auto"):
-        raise UsageError(f"--resume takes 'auto', got {resume!r}")
-    out = Path(out)
-    run = _Run(out)
-    prev = run.state()
-    if prev is not None and resume is None:
-        if not overwrite:
-            raise ClearError(f"{out} already holds a training run",
-                             "pass --resume auto to continue it, --overwrite to start again, or another --out")
-        remove_owned(out, OWNED)
-        prev = None
-    if prev is not None:
-        saved = prev.get("config", {})
-        mine = json.loads(json.dumps(_recipe(cfg)))
-        diff = [k for k in mine if k not in ("threads", "steps") and saved.get(k) != mine[k]]
-        if mine["steps"] < saved.get("steps", 0):
-            diff.append("steps (fewer than the run already has)")
-        if diff:
-            raise ClearError(f"{out} was trained with other settings ({', '.join(diff)})",
-                             "resume with the same options, or start a new run with another --out")
-    run.ckpt.mkdir(parents=True, exist_ok=True)
+    run, prev = _open_run(out, cfg, resume, overwrite)
     torch.set_num_threads(cfg.threads)
     t_start = time.monotonic()
     deadline = t_start + minutes * 60 if minutes else None
@@ -454,19 +435,12 @@ def _train(out: Path, cfg: TinyTrainConfig, *, minutes: float | None, resume: st
     if stage == "done":
         result = out / RESULT_NAME
         return TrainResult(out, "done", cfg.steps, True, result if result.is_file() else None, spent)
+    steps = dict(resume=resume, deadline=deadline, progress=progress, on_step=on_step, save_state=save_state)
 
     # ---- stage 1: VAE
     vae_final = run.ckpt / "vae_final.safetensors"
     if stage == "vae":
-        vae.train()
-        opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-
-        def vae_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-            loss, mse = vae_loss(vae, _vae_batch(cfg, step).to(dev), cfg.kl_weight, cfg.object_weight)
-            return loss, {"mse": mse}
-
-        ok, done = _run_stage("vae", run, vae, opt, cfg.vae_steps, cfg.vae_lr, 50, vae_step, cfg, resume=resume,
-                              deadline=deadline, progress=progress, on_step=on_step, save_state=save_state)
+        ok, done = _vae_stage(cfg, run, vae, dev, **steps)
         if not ok:
             return TrainResult(out, "vae", done, False, None, run.clock())
         save_safetensors(vae_final, {k: v.contiguous() for k, v in vae.state_dict().items()})
@@ -480,35 +454,11 @@ def _train(out: Path, cfg: TinyTrainConfig, *, minutes: float | None, resume: st
 
     # ---- stage 2: latent cache + latent statistics
     cache_path = run.ckpt / "latents.safetensors"
-    n_lat = cfg.res // 8
     if stage == "cache":
-        seeds = np.random.default_rng([cfg.seed & 0xFFFFFFFF, 3]).integers(0, scenes.TRAIN_SEEDS, size=cfg.cache_size)
-        lat = torch.empty(cfg.cache_size, 16, n_lat, n_lat)
-        bar = _progress(cfg.cache_size, 0, "encode", progress)
-        with torch.no_grad():
-            for i in range(0, cfg.cache_size, 64):
-                imgs = scenes.make_batch(seeds[i:i + 64], cfg.res)[0]
-                lat[i:i + 64] = vae.encode(_to_chw(imgs).to(dev)).latent_dist.mean.cpu()
-                bar.update(len(imgs))
-        bar.close()
-        shift, std = float(lat.mean()), float(lat.std())
-        save_safetensors(cache_path, {"latents": lat, "seeds": torch.from_numpy(seeds.astype(np.int64))},
-                         metadata={"shift_factor": repr(shift), "scaling_factor": repr(1.0 / std)})
-        run.log(stage="cache", step=cfg.cache_size, shift_factor=shift, scaling_factor=1.0 / std,
-                seconds=round(run.clock(), 1))
+        _cache_stage(cfg, run, vae, dev, cache_path, progress)
         stage = "flux"
         save_state(stage, 0)
-
-    from safetensors import safe_open
-
-    with safe_open(str(cache_path), "pt") as f:
-        meta = f.metadata()
-    cache = load_file(str(cache_path))
-    shift, scale = float(meta["shift_factor"]), float(meta["scaling_factor"])
-    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-    latents = ((cache["latents"] - shift) * scale).to(dev)
-    seeds = cache["seeds"].numpy()
-    captions = [scenes.caption(scenes.sample_scene(int(s))) for s in seeds]
+    latents, seeds, captions = _read_cache(cache_path, vae, dev)
 
     # ---- stage 3: the transformer
     from diffusers import FluxPipeline
@@ -529,12 +479,88 @@ def _train(out: Path, cfg: TinyTrainConfig, *, minutes: float | None, resume: st
         save_state(stage, 0)
 
     # ---- stage 4: sharpen the decoder on the frozen encoder's latents (the transformer's latent space stays)
-    ok, step = finetune_decoder(vae, cfg, run, dev, resume=resume, deadline=deadline, progress=progress,
-                                on_step=on_step, save_state=save_state)
+    ok, step = finetune_decoder(vae, cfg, run, dev, **steps)
     if not ok:
         return TrainResult(out, "decoder", step, False, None, run.clock())
     trained.eval()
     vae.eval()
+    return _save_result(cfg, run, comps, out, save_state)
+
+
+def _open_run(out: Path, cfg: TinyTrainConfig, resume: str | None, overwrite: bool) -> tuple["_Run", dict | None]:
+    """Check the options and the folder: a fresh run, `--overwrite`, or `--resume auto` with the same recipe."""
+    if cfg.res % 16 or cfg.res < 32:
+        raise UsageError(f"--res must be a multiple of 16 and at least 32, got {cfg.res}")
+    if resume not in (None, "auto"):
+        raise UsageError(f"--resume takes 'auto', got {resume!r}")
+    out = Path(out)
+    run = _Run(out)
+    prev = run.state()
+    if prev is not None and resume is None:
+        if not overwrite:
+            raise ClearError(f"{out} already holds a training run",
+                             "pass --resume auto to continue it, --overwrite to start again, or another --out")
+        remove_owned(out, OWNED)
+        prev = None
+    if prev is not None:
+        saved = prev.get("config", {})
+        mine = json.loads(json.dumps(_recipe(cfg)))
+        diff = [k for k in mine if k not in ("threads", "steps") and saved.get(k) != mine[k]]
+        if mine["steps"] < saved.get("steps", 0):
+            diff.append("steps (fewer than the run already has)")
+        if diff:
+            raise ClearError(f"{out} was trained with other settings ({', '.join(diff)})",
+                             "resume with the same options, or start a new run with another --out")
+    run.ckpt.mkdir(parents=True, exist_ok=True)
+    return run, prev
+
+
+def _vae_stage(cfg: TinyTrainConfig, run: "_Run", vae, dev: torch.device, **steps: Any) -> tuple[bool, int]:
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+
+    def vae_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, mse = vae_loss(vae, _vae_batch(cfg, step).to(dev), cfg.kl_weight, cfg.object_weight)
+        return loss, {"mse": mse}
+
+    return _run_stage("vae", run, vae, opt, cfg.vae_steps, cfg.vae_lr, 50, vae_step, cfg, **steps)
+
+
+def _cache_stage(cfg: TinyTrainConfig, run: "_Run", vae, dev: torch.device, cache_path: Path, progress: bool) -> None:
+    """Encode `cache_size` training scenes once; the latent statistics become the VAE's shift and scale."""
+    n_lat = cfg.res // 8
+    seeds = np.random.default_rng([cfg.seed & 0xFFFFFFFF, 3]).integers(0, scenes.TRAIN_SEEDS, size=cfg.cache_size)
+    lat = torch.empty(cfg.cache_size, 16, n_lat, n_lat)
+    bar = _progress(cfg.cache_size, 0, "encode", progress)
+    with torch.no_grad():
+        for i in range(0, cfg.cache_size, 64):
+            imgs = scenes.make_batch(seeds[i:i + 64], cfg.res)[0]
+            lat[i:i + 64] = vae.encode(_to_chw(imgs).to(dev)).latent_dist.mean.cpu()
+            bar.update(len(imgs))
+    bar.close()
+    shift, std = float(lat.mean()), float(lat.std())
+    save_safetensors(cache_path, {"latents": lat, "seeds": torch.from_numpy(seeds.astype(np.int64))},
+                     metadata={"shift_factor": repr(shift), "scaling_factor": repr(1.0 / std)})
+    run.log(stage="cache", step=cfg.cache_size, shift_factor=shift, scaling_factor=1.0 / std,
+            seconds=round(run.clock(), 1))
+
+
+def _read_cache(cache_path: Path, vae, dev: torch.device) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """(scaled latents, scene seeds, captions) of the cache; sets the VAE's shift and scaling factors."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(cache_path), "pt") as f:
+        meta = f.metadata()
+    cache = load_file(str(cache_path))
+    shift, scale = float(meta["shift_factor"]), float(meta["scaling_factor"])
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    latents = ((cache["latents"] - shift) * scale).to(dev)
+    seeds = cache["seeds"].numpy()
+    return latents, seeds, [scenes.caption(scenes.sample_scene(int(s))) for s in seeds]
+
+
+def _save_result(cfg: TinyTrainConfig, run: "_Run", comps: dict, out: Path, save_state) -> TrainResult:
     for name in tiny.COMPONENT_PREFIXES:
         comps[name].to("cpu")
     seconds = run.clock()
