@@ -91,6 +91,36 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _convert_union(value: Any, args: tuple, path: str, errors: list[str]) -> Any:
+    """The first member type the value converts to; else the first member's complaint."""
+    if value is None and type(None) in args:
+        return None
+    sub: list[str] = []
+    for a in args:
+        if a is type(None):
+            continue
+        trial: list[str] = []
+        out = _convert(value, a, path, trial)
+        if not trial:
+            return out
+        sub.extend(trial)
+    errors.append(sub[0] if sub else f"{path}: invalid value {value!r}")
+    return value
+
+
+def _convert_literal(value: Any, args: tuple, path: str, errors: list[str]) -> Any:
+    if isinstance(value, bool) and value not in args:
+        # YAML 1.1 reads `no`/`yes`/`off`/`on` as booleans; map back when the choice list has the word
+        for word in (("no", "off", "false") if value is False else ("yes", "on", "true")):
+            if word in args:
+                return word
+    if value not in args:
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        errors.append(f"{path}: {value!r} is not one of {', '.join(map(repr, args))}{hint}")
+    return value
+
+
 def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
     """Check/convert one value against a type hint; append problems to `errors`."""
     origin = typing.get_origin(tp)
@@ -98,30 +128,9 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        sub: list[str] = []
-        for a in args:
-            if a is type(None):
-                continue
-            trial: list[str] = []
-            out = _convert(value, a, path, trial)
-            if not trial:
-                return out
-            sub.extend(trial)
-        errors.append(sub[0] if sub else f"{path}: invalid value {value!r}")
-        return value
+        return _convert_union(value, args, path, errors)
     if origin is typing.Literal:
-        if isinstance(value, bool) and value not in args:
-            # YAML 1.1 reads `no`/`yes`/`off`/`on` as booleans; map back when the choice list has the word
-            for word in (("no", "off", "false") if value is False else ("yes", "on", "true")):
-                if word in args:
-                    return word
-        if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            errors.append(f"{path}: {value!r} is not one of {', '.join(map(repr, args))}{hint}")
-        return value
+        return _convert_literal(value, args, path, errors)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             errors.append(f"{path}: expected a mapping, got {type(value).__name__}")

@@ -416,12 +416,7 @@ def _train(out: Path, cfg: TinyTrainConfig, *, minutes: float | None, resume: st
     t_start = time.monotonic()
     deadline = t_start + minutes * 60 if minutes else None
     spent = float(prev.get("seconds", 0.0)) if prev else 0.0
-    stage = prev["stage"] if prev else "vae"
-    if prev and cfg.steps > prev["config"]["steps"] and stage in ("decoder", "done"):
-        # More transformer steps on resume: continue the flux stage from its last checkpoint (the cosine
-        # schedule is re-stretched to the new total); the finished decoder stage is reused as it is.
-        stage = "flux"
-
+    stage = _first_stage(cfg, prev)
     run.clock = lambda: spent + time.monotonic() - t_start
 
     def save_state(stage_now: str, step: int) -> None:
@@ -485,6 +480,15 @@ def _train(out: Path, cfg: TinyTrainConfig, *, minutes: float | None, resume: st
     trained.eval()
     vae.eval()
     return _save_result(cfg, run, comps, out, save_state)
+
+
+def _first_stage(cfg: TinyTrainConfig, prev: dict | None) -> str:
+    stage = prev["stage"] if prev else "vae"
+    if prev and cfg.steps > prev["config"]["steps"] and stage in ("decoder", "done"):
+        # More transformer steps on resume: continue the flux stage from its last checkpoint (the cosine
+        # schedule is re-stretched to the new total); the finished decoder stage is reused as it is.
+        stage = "flux"
+    return stage
 
 
 def _open_run(out: Path, cfg: TinyTrainConfig, resume: str | None, overwrite: bool) -> tuple["_Run", dict | None]:
