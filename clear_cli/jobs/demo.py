@@ -259,7 +259,15 @@ def _open_out(cfg: DemoConfig) -> _State:
 # --------------------------------------------------------------------------------------------- the runner
 
 class _Demo:
-    """The five stages over one OUT; constructing it checks the recipe and overrides without writing anything."""
+    """The five stages over one OUT, in the order `demo()` runs them; constructing it checks the recipe and
+    overrides without writing anything. Each stage is skipped when its recorded outputs are still there.
+
+    synth     the teacher draws --n scenes at --res px, --synth-steps steps, seeded --seed (clear_cli.synth)
+    distill   --distill-steps steps of recipes/tiny.yaml (--recipe, --set), checkpoints every --checkpoint-every
+    evaluate  teacher vs zero-shot CLEAR vs distilled CLEAR on --eval-n held-out prompts, --eval-steps steps
+    export    the distilled weights as a rank --lora-rank LoRA
+    generate  one image at --gen-res px (a cascade from --res) with the LoRA and zero-shot, each vs full attention
+    """
 
     def __init__(self, cfg: DemoConfig, say: Log, progress: bool):
         self.cfg, self.say, self.progress = cfg, say, progress

@@ -374,7 +374,19 @@ def check_accumulation(acc, recipe: Recipe) -> None:
 
 
 class Distiller:
-    """One distillation run: model, data, optimizer, checkpoints and logs. `run()` trains to recipe.train.steps."""
+    """One distillation run; `distill()` calls the steps in this order (recipe keys in brackets, docs in
+    recipes/flux_dev.yaml):
+
+    load_model         the teacher, linearized with frozen teacher copies [model, window, down_factor, resolution],
+                       gradient checkpointing [train.gradient_checkpointing], the attention-loss layers [loss.attn_layers]
+    encode_validation  the validation prompts, encoded once [validation.prompts]
+    setup              optimizer and schedule [train.optimizer, lr, schedule, warmup_steps], data loader over the synth
+                       set [data, train.batch_size, gradient_accumulation], accelerate's prepare (DDP/DeepSpeed/FSDP)
+    prepare_out        --overwrite / --resume in --out; the resolved recipe.yaml
+    run                train_step per step (loss = fm + pred + attn terms [loss.*]), log.jsonl, trackers
+                       [report_to], checkpoints [checkpoint.every, keep], validation images [validation.every],
+                       then the weights file (save_weights)
+    """
 
     def __init__(self, p: _Plan, accelerator, *, progress: bool = True, pipe=None):
         self.p = p
