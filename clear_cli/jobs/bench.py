@@ -13,7 +13,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from clear_cli.attention.counting import attention_flops, count_pairs, full_pairs, image_pairs, paper_pairs
