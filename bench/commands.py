@@ -539,7 +539,7 @@ def section_distill(ctx: Ctx) -> None:
             t = time.perf_counter()
             with Recorder() as rec:
                 r = clear_cli.distill(str(Path(__file__).resolve().parent.parent / "recipes" / "flux_dev.yaml"),
-                                      overrides=overrides, out=str(out), overwrite=True, device=ctx.device,
+                                      sets=overrides, out=str(out), overwrite=True, device=ctx.device,
                                       progress=False)
             wall = time.perf_counter() - t
             secs = [x["seconds"] for x in r.log]

@@ -100,7 +100,7 @@ def distil(model: str, work: Path, s: dict, times: dict, tag: str) -> Path:
         synth(model=model, prompts=str(ROOT / "recipes" / "tiny_prompts.txt"), n=s["n_data"], res="128",
               steps=s["synth_steps"], out=str(data), device="cpu", progress=False, overwrite=True)
     with _timed(times, f"distill {tag}"):
-        distill(str(ROOT / "recipes" / "tiny.yaml"), overrides=[f"data={data}", f"model={model}",
+        distill(str(ROOT / "recipes" / "tiny.yaml"), sets=[f"data={data}", f"model={model}",
                                                                  f"train.steps={s['distill_steps']}"],
                 out=str(work / "distill"), overwrite=True, device="cpu", progress=False)
     return weights
