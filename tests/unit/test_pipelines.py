@@ -44,13 +44,13 @@ def components(**transformer) -> dict:
     return comps
 
 
-def tiny_controlnet():
+def tiny_controlnet(**extra):
     from diffusers import FluxControlNetModel
 
     cfg = {k: v for k, v in tiny.TRANSFORMER.items() if k != "out_channels"}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(5)
-        cn = FluxControlNetModel(**{**cfg, "num_layers": 1, "num_single_layers": 1}).eval()
+        cn = FluxControlNetModel(**{**cfg, "num_layers": 1, "num_single_layers": 1, **extra}).eval()
         for p in cn.parameters():  # its zero-initialised output blocks would make the residuals vanish
             if p.abs().sum() == 0:
                 torch.nn.init.normal_(p, std=0.05)
@@ -125,6 +125,15 @@ def test_controlnet_pipeline_with_a_control_image():
     other = pipe(**{**call, "control_image": picture(96, 64, 3)}, **STEPS,
                  generator=torch.Generator().manual_seed(0)).images
     assert (other - stock).abs().max() > 1e-4
+
+
+def test_controlnet_union_mode_token():
+    """ControlNet-Union prepends a mode token to the text inside its forward: the text part grows by one."""
+    from diffusers import FluxControlNetPipeline
+
+    pipe = FluxControlNetPipeline(**components(), controlnet=tiny_controlnet(num_mode=3))
+    check(pipe, prompt="a red circle", control_image=picture(96, 64, 2), control_mode=1,
+          max_sequence_length=tiny.TEXT_LEN, **SIZE)
 
 
 def test_multi_controlnet_pipeline():
