@@ -27,7 +27,8 @@ def test_flux_adapter_reads_what_linearize_always_read(tiny_random_pipe):
     assert FLUX.image_projections(mods[3]) == ("to_q", "to_k", "to_v")
     assert FLUX.attention_loss_layers(mods) == []   # index % 4 == 0 among single blocks: none of 2 + 2
     ids = FluxPipeline._prepare_latent_image_ids(1, 3, 5, "cpu", torch.float32)
-    t, grid, mask = FLUX.read_call({"img_ids": ids, "hidden_states": torch.zeros(1, 15, 64),
-                                    "encoder_hidden_states": torch.zeros(1, 7, 64)})
+    t, grid, mask, layout = FLUX.read_call({"img_ids": ids, "hidden_states": torch.zeros(1, 15, 64),
+                                            "encoder_hidden_states": torch.zeros(1, 7, 64)})
     assert (t, grid, mask) == (7, (3, 5), None)
+    assert layout.target.shape == (3, 5) and not layout.references   # the call's token layout (layout.py)
     assert FLUX.facts.train_seq_len == 64 * 64 + 512

@@ -153,7 +153,8 @@ def test_lora_export_loads_with_the_stock_qwen_image_loader(pipe, tmp_path):
     student = {k: p.detach().clone() for k, p in params.items()}
     src = save_attention_weights(tmp_path / "clear_attn.safetensors", student,
                                  {"window": 2, "down_factor": 1, "base_model": "qwen-image-tiny-random"})
-    res = export(src, "lora", rank=48, out=tmp_path / "clear_lora.safetensors", device="cpu", progress=False)
+    res = export(src, format="lora", rank=48, out=str(tmp_path / "clear_lora.safetensors"), device="cpu",
+                 progress=False)
     stock = clear_cli.load_pipeline("qwen-image-tiny-random")
     assert isinstance(stock, QwenImagePipeline)
     stock.load_lora_weights(str(res.path))   # diffusers' own QwenImage LoRA loader

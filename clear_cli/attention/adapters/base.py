@@ -68,9 +68,10 @@ class ModelAdapter:
         raise NotImplementedError
 
     # -- one call --------------------------------------------------------------------------------------------
-    def read_call(self, arguments: dict) -> tuple[int, tuple[int, int], torch.Tensor | None]:
-        """(text length, (H, W) token grid, [B, T] bool of valid text keys or None) of one transformer call, from
-        the transformer.forward arguments bound by name. ValueError names what is missing or inconsistent."""
+    def read_call(self, arguments: dict) -> tuple[int, tuple[int, int], torch.Tensor | None, Any]:
+        """(text length, (H, W) target grid, [B, T] bool of valid text keys or None, the call's
+        `layout.TokenLayout` or None for text + that one grid) of one transformer call, from the transformer.forward
+        arguments bound by name. ValueError names what is missing or inconsistent."""
         raise NotImplementedError
 
     # -- high resolution -------------------------------------------------------------------------------------

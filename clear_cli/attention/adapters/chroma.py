@@ -75,12 +75,15 @@ class ChromaAdapter(FluxAdapter):
         return ClearChromaAttnProcessor(index, double=self.is_double(attn), state=state)
 
     def read_call(self, arguments: dict):
-        text_len, grid = flux_call_geometry(arguments)
+        text_len, layout = flux_call_geometry(arguments)
+        grid = layout.target.shape
+        if layout.references:
+            raise ValueError(f"Chroma calls hold one image grid; got {layout.describe()}")
         mask = arguments.get("attention_mask")
         if mask is None:
-            return text_len, grid, None
+            return text_len, grid, None, layout
         if mask.dim() != 2 or mask.shape[1] != text_len + grid[0] * grid[1]:
             raise ValueError(f"Chroma's attention_mask must be [batch, text + image tokens] = "
                              f"[B, {text_len + grid[0] * grid[1]}], got {tuple(mask.shape)}")
-        return text_len, grid, mask[:, :text_len]
+        return text_len, grid, mask[:, :text_len], layout
 

@@ -48,8 +48,8 @@ class FluxAdapter(ModelAdapter):
         return ClearFluxAttnProcessor(index, double=self.is_double(attn), state=state)
 
     def read_call(self, arguments: dict):
-        text_len, grid = flux_call_geometry(arguments)
-        return text_len, grid, None
+        text_len, layout = flux_call_geometry(arguments)   # the target grid and any reference images (Kontext)
+        return text_len, layout.target.shape, None, layout
 
     def scale_rope(self, transformer: nn.Module, ntk_factor: float) -> None:
         rope.scale_rope(transformer, ntk_factor)

@@ -160,7 +160,7 @@ class QwenImageAdapter(ModelAdapter):
                              f"{hidden.shape[1]} image tokens")
         if not isinstance(enc, torch.Tensor):
             raise ValueError("the CLEAR Qwen-Image transformer was called without encoder_hidden_states")
-        return int(enc.shape[1]), (h, w), None if mask is None else mask.to(torch.bool)
+        return int(enc.shape[1]), (h, w), None if mask is None else mask.to(torch.bool), None
 
     def scale_rope(self, transformer: nn.Module, ntk_factor: float) -> None:
         if not ntk_factor > 0:
