@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from clear_cli.attention.geometry import default_scale
 
 MAX_REFERENCE_TOKENS = 20_000
+MAX_WINDOW = 2**15   # keeps A dt^2 + B (dy^2 + dx^2) inside int64; far beyond any volume
 Grid3 = tuple[int, int, int]
 
 
@@ -41,6 +42,9 @@ def check_video_geometry(grid: Grid3, window: int, time_window: int, text_len: i
     if int(time_window) != time_window or time_window < 0:
         raise ValueError(f"time_window must be an integer >= 0 (radius in frames; 0 = same frame), "
                          f"got {time_window!r}")
+    if window > MAX_WINDOW or time_window > MAX_WINDOW:
+        raise ValueError(f"window and time_window must be <= {MAX_WINDOW} (larger ones cover any volume; use the "
+                         f"volume's size), got {window} and {time_window}")
     if int(text_len) != text_len or text_len < 0:
         raise ValueError(f"text_len must be an integer >= 0, got {text_len!r}")
     return t, h, w
