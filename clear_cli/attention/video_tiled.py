@@ -40,15 +40,24 @@ def video_tile_order(grid: Grid3, tile: Tile3, device: torch.device | str = "cpu
     return torch.where(inside, token, torch.full_like(token, t * h * w)).reshape(-1), origin
 
 
-@lru_cache(maxsize=256)
-def video_tile_key_offsets(tile: Tile3, window: int, time_window: int) -> tuple[tuple[int, int, int], ...]:
+def video_tile_key_offsets(tile: Tile3, window: int, time_window: int, grid: Grid3 | None = None
+                           ) -> tuple[tuple[int, int, int], ...]:
     """Offsets from the tile origin of the video keys some query of the tile sees (the union of the ellipsoids):
-    per axis the nearest query coordinate decides, since the rule only grows with |dt|, |dy| and |dx|."""
+    per axis the nearest query coordinate decides, since the rule only grows with |dt|, |dy| and |dx|. With `grid`,
+    the halo stops where no key of the volume can lie (|offset| <= extent - 1 beyond the tile): a window larger than
+    the volume costs no more than the volume."""
+    reach = [time_reach(time_window), int(window) - 1, int(window) - 1]
+    if grid is not None:
+        reach = [min(r, g - 1) for r, g in zip(reach, grid)]
+    return _offsets(tuple(tile), int(window), int(time_window), tuple(reach))
+
+
+@lru_cache(maxsize=256)
+def _offsets(tile: Tile3, window: int, time_window: int, reach: Tile3) -> tuple[tuple[int, int, int], ...]:
     ta, a, b = tile
-    rt, rs = time_reach(time_window), int(window) - 1
-    dt = torch.arange(-rt, ta + rt)
-    dy = torch.arange(-rs, a + rs)
-    dx = torch.arange(-rs, b + rs)
+    dt = torch.arange(-reach[0], ta + reach[0])
+    dy = torch.arange(-reach[1], a + reach[1])
+    dx = torch.arange(-reach[2], b + reach[2])
     gt = dt - dt.clamp(0, ta - 1)
     gy = dy - dy.clamp(0, a - 1)
     gx = dx - dx.clamp(0, b - 1)
@@ -64,7 +73,7 @@ def choose_video_tile(grid: Grid3, window: int, time_window: int, head_dim: int 
     best, best_cost = (1, 8, 8), float("inf")
     for ta, a, b in TILE_CANDIDATES:
         n_tiles = -(-t // ta) * -(-h // a) * -(-w // b)
-        k_all = min(len(video_tile_key_offsets((ta, a, b), window, time_window)), t * h * w) + text_len
+        k_all = len(video_tile_key_offsets((ta, a, b), window, time_window, grid)) + text_len
         q = ta * a * b
         cost = n_tiles * k_all * (q * 55.0 / _EFFICIENCY[q] + GATHER_COST * head_dim / 64 * 26)
         if cost < best_cost:
@@ -81,7 +90,7 @@ def video_tile_plan(grid: Grid3, text_len: int, window: int, time_window: int, t
     n = g + n_img
     q_slots = tile[0] * tile[1] * tile[2]
     slot_to_token, origin = video_tile_order(grid, tile, device)
-    offs = torch.tensor(video_tile_key_offsets(tile, window, time_window), dtype=torch.long, device=device)
+    offs = torch.tensor(video_tile_key_offsets(tile, window, time_window, grid), dtype=torch.long, device=device)
     kt = origin[:, 0:1] + offs[None, :, 0]
     ky = origin[:, 1:2] + offs[None, :, 1]
     kx = origin[:, 2:3] + offs[None, :, 2]

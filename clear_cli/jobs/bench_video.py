@@ -65,9 +65,9 @@ def video_schedules(grid: tuple[int, int, int], window: int, time_window: int, h
     for g, s in zip(grid, tile):
         slots *= -(-g // s) * s
     cfg = default_video_config(grid, window, time_window, head_dim, torch.bfloat16)
+    halo = len(video_tile_key_offsets(tile, window, time_window, grid))
     return {
-        "tiled": {"tile": list(tile), "work_over_exact": slots * len(video_tile_key_offsets(tile, window, time_window))
-                  / exact},
+        "tiled": {"tile": list(tile), "work_over_exact": slots * halo / exact},
         "triton": {"config": cfg.name, "work_over_exact": video_kernel_work(grid, 0, window, time_window, cfg)[1]
                    / exact},
     }

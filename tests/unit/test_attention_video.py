@@ -112,6 +112,17 @@ def test_tile_key_offsets_are_the_union_of_ellipsoids(tile, r, rt):
     for qt, qy, qx in itertools.product(range(ta), range(a), range(b)):
         want |= {(qt + dt, qy + dy, qx + dx) for dt, dy, dx in ellipsoid_offsets(r, rt)}
     assert set(video_tile_key_offsets(tile, r, rt)) == want
+    grid = (3, 5, 6)   # with the grid: the same union, less whatever no key of the volume can reach
+    inside = {o for o in want if all(-(g - 1) <= o[i] <= tile[i] - 1 + g - 1 for i, g in enumerate(grid))}
+    assert set(video_tile_key_offsets(tile, r, rt, grid)) == inside
+
+
+def test_huge_window_costs_no_more_than_the_volume():
+    grid = (3, 4, 5)
+    assert len(video_tile_key_offsets((1, 4, 4), 10_000, 5_000, grid)) == (1 + 4) * (4 + 6) * (4 + 8)
+    q, k, v = (torch.randn(1, 1, 60, 8, dtype=torch.float64) for _ in range(3))
+    got = tiled_video_attention(q, k, v, text_len=0, grid=grid, window=10_000, time_window=5_000, tile=(1, 4, 4))
+    assert torch.allclose(got, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-12)
 
 
 def test_auto_whole_volume_shortcut_is_exact():
