@@ -11,7 +11,8 @@ is the 2-D module's kernels, reused as they are.
 
 dtypes fp16, bf16, fp32 (IEEE dots), head_dim <= 256. Under TRITON_INTERPRET=1 the kernels run on the CPU (the tests
 do so in a child process); the interpreter's bf16 dot is wrong (triton-lang/triton#11584): bf16 on a GPU only.
-No pooled keys (down_factor) in 3-D. Eager only: no torch.compile custom op yet (`auto` under compile is `tiled`).
+No pooled keys (down_factor) in 3-D. Under torch.compile the forward and backward are opaque custom ops
+(`clear_cli::clear_video_triton_fwd` / `_bwd`): no graph break.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import triton
 import triton.language as tl
 
 from clear_cli.attention.geometry import default_scale
+from clear_cli.attention.tracing import compiling, outside_graph
 from clear_cli.attention.triton_clear import (
     _NEG, LOG2E, _attend, _bwd_dkdv_dense_kernel, _bwd_dq_text_kernel, _block_d, _chunks, _delta_kernel,
     _dense_keys, _dkdv_dense_queries, _dkdv_step, _dq_dense_keys, _dq_step, _fwd_text_kernel, _like, _load_rows,
@@ -322,18 +324,46 @@ def _backward(do, q, k, v, o, lse, text_len: int, grid: Grid3, window: int, time
     return dq, dk, dv
 
 
+# Opaque custom ops, so that torch.compile traces a call without a graph break (the tile lists are built and the
+# kernels launched at run time, outside the graph) and fake tensors give the shapes.
+@torch.library.custom_op("clear_cli::clear_video_triton_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: int, grid_t: int, grid_h: int, grid_w: int,
+            window: int, time_window: int, scale: float, cfg: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, text_len, (grid_t, grid_h, grid_w), window, time_window, scale,
+                    VideoTritonConfig.from_list(cfg))
+
+
+@_fwd_op.register_fake
+def _(q, k, v, text_len, grid_t, grid_h, grid_w, window, time_window, scale, cfg):
+    b, nh, n, _ = q.shape
+    return _like(q), q.new_empty(b * nh, n, dtype=torch.float32)
+
+
+@torch.library.custom_op("clear_cli::clear_video_triton_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+            text_len: int, grid_t: int, grid_h: int, grid_w: int, window: int, time_window: int, scale: float,
+            cfg: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, o, lse, text_len, (grid_t, grid_h, grid_w), window, time_window, scale,
+                     VideoTritonConfig.from_list(cfg))
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, o, lse, text_len, grid_t, grid_h, grid_w, window, time_window, scale, cfg):
+    return _like(q), _like(k), _like(v)
+
+
 class ClearVideoTritonAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, text_len, grid, window, time_window, scale, cfg):
-        o, lse = _forward(q, k, v, text_len, grid, window, time_window, scale, cfg)
+    def forward(ctx, q, k, v, text_len, grid, window, time_window, scale, cfg_list):
+        o, lse = _fwd_op(q, k, v, text_len, *grid, window, time_window, scale, cfg_list)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (text_len, grid, window, time_window, scale, cfg)
+        ctx.args = (text_len, *grid, window, time_window, scale, cfg_list)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, *ctx.args)
+        dq, dk, dv = _bwd_op(do, q, k, v, o, lse, *ctx.args)
         return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -344,5 +374,16 @@ def clear_video_triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     check_supported(q)
     grid = (int(grid[0]), int(grid[1]), int(grid[2]))
     sc = default_scale(q.shape[-1], scale)
-    cfg = config or default_video_config(grid, window, time_window, q.shape[-1], q.dtype, q.device)
+    if config is not None:
+        cfg = config.as_list()
+    else:
+        choose = _traced_config if compiling() else _config_list
+        cfg = choose(grid, int(window), int(time_window), int(q.shape[-1]), q.dtype, q.device)
     return ClearVideoTritonAttention.apply(q, k, v, int(text_len), grid, int(window), int(time_window), sc, cfg)
+
+
+def _config_list(*args) -> list[int]:
+    return default_video_config(*args).as_list()
+
+
+_traced_config = outside_graph(_config_list)   # under torch.compile: chosen at trace time, a graph constant

@@ -13,7 +13,7 @@ any clip length and size works without configuration. The processor computes q/k
 the stock one does, then `clear_video_attention`; with a window that covers the whole volume it is stock attention.
 
 Self-contained on purpose: it becomes the Wan adapter once the model-adapter interface lands (issue 19).
-Not yet here: teacher copies for distillation, trainable-parameter selection, RoPE NTK scaling, torch.compile.
+Not yet here: teacher copies for distillation, trainable-parameter selection, RoPE NTK scaling.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ CASES = {
     "fp16-rt0": (1, 1, (4, 6, 5), 0, 3, 0, 32, "fp16", C, B, 0, "bhnd"),
 }
 SLOW = ("fp32-rt0-same-frame", "fp32-T1-equals-2d", "fp16-ragged-global")
-SUITES = {"default": [c for c in CASES if c not in SLOW] + ["wan-model"], "slow": list(SLOW)}
+SUITES = {"default": [c for c in CASES if c not in SLOW] + ["wan-model", "compile"], "slow": list(SLOW)}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -106,6 +106,37 @@ def run_wan_model() -> dict:
             "same_layout": True, "n_grads": len(g_ref)}
 
 
+def run_compiled() -> dict:
+    """torch.compile(fullgraph=True) through the dispatcher with backend='triton' and (ordered as on CUDA) 'auto':
+    no graph break, the reference's values and gradients."""
+    from clear_cli.attention import video_kernels
+    from clear_cli.attention.video_geometry import reference_video_attention
+    from clear_cli.attention.video_kernels import clear_video_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 2 + 48, 32, generator=g) for _ in range(3))
+    kw = dict(text_len=2, grid=(3, 4, 4), window=2, time_window=1)
+    ref_leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    ref = reference_video_attention(*ref_leaves, **kw)
+    ref_grads = torch.autograd.grad(ref.square().sum(), ref_leaves)
+    err, scale = {}, {}
+    video_kernels.AUTO_ORDER["cpu"] = ("triton", "tiled")
+    try:
+        for label in ("triton", "auto"):
+            torch._dynamo.reset()
+            leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+            fn = torch.compile(lambda q, k, v: clear_video_attention(q, k, v, backend=label, **kw), fullgraph=True,
+                               backend="aot_eager")
+            out = fn(*leaves)
+            grads = torch.autograd.grad(out.square().sum(), leaves)
+            for name, a, b in zip(("out", "dq", "dk", "dv"), [out, *grads], [ref, *ref_grads]):
+                err[f"{label}-{name}"] = float((a.detach() - b.detach()).abs().max())
+                scale[f"{label}-{name}"] = max(1.0, float(b.detach().abs().max()))
+    finally:
+        del video_kernels.AUTO_ORDER["cpu"]
+    return {"err": err, "scale": scale, "dtype": "fp32", "finite": True, "same_layout": True}
+
+
 def main(argv: list[str]) -> None:
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise SystemExit("run with TRITON_INTERPRET=1")
@@ -116,7 +147,8 @@ def main(argv: list[str]) -> None:
     results = {}
     for name in names:
         try:
-            results[name] = run_wan_model() if name == "wan-model" else run_case(CASES[name])
+            extra = {"wan-model": run_wan_model, "compile": run_compiled}
+            results[name] = extra[name]() if name in extra else run_case(CASES[name])
         except Exception as e:  # report, so the test names the case
             results[name] = {"error": f"{type(e).__name__}: {e}"}
     print(json.dumps(results))

@@ -214,3 +214,22 @@ def test_video_kernel_work_bounds_exact_and_config_round_trip():
     assert default_video_config(grid, 8, 3, 128, torch.float32) in SMALL
     # same frame only: single-frame tiles waste nothing in time
     assert default_video_config(grid, 8, 0, 128, torch.bfloat16).fwd.q_tile[0] == 1
+
+
+def test_tiled_under_torch_compile_fullgraph():
+    """Plans and masks are graph constants (built at trace time): no graph break, the reference's values and grads."""
+    grid, kw = (3, 4, 5), dict(text_len=2, window=2, time_window=1)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 62, 8, generator=g) for _ in range(3))
+    ref_leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    ref = reference_video_attention(*ref_leaves, grid=grid, **kw)
+    ref_g = torch.autograd.grad(ref.square().sum(), ref_leaves)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k, v: clear_video_attention(q, k, v, grid=grid, backend="tiled", **kw),
+                       fullgraph=True, backend="aot_eager")
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    out = fn(*leaves)
+    got_g = torch.autograd.grad(out.square().sum(), leaves)
+    assert torch.allclose(out, ref, atol=1e-5)
+    for a, b in zip(got_g, ref_g):
+        assert torch.allclose(a, b, atol=1e-4)
