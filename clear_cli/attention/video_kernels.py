@@ -2,7 +2,8 @@
 
 `auto`: a window that covers the whole volume is full attention (dense SDPA, exact); otherwise CUDA tries `triton`
 (3-D tiles in the model's layout), then `tiled`; elsewhere `tiled`. A kernel that fails under `auto` for one shape is
-skipped for that shape with one warning; out-of-memory errors and failures under torch.compile propagate.
+skipped for that shape with one warning; out-of-memory errors and failures under torch.compile propagate. `flex`
+(FlexAttention, 3-D block mask from the geometry; eager, forward only on the CPU) runs when asked for, not in `auto`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from clear_cli.attention.geometry import default_scale
 from clear_cli.attention.video_geometry import Grid3, check_video_qkv, covers_volume
 
-VIDEO_BACKENDS = ("auto", "reference", "tiled", "triton")
+VIDEO_BACKENDS = ("auto", "reference", "tiled", "flex", "triton")
 SHORTCUT = "sdpa"
 AUTO_ORDER = {"cuda": ("triton", "tiled")}
 DEFAULT_ORDER = ("tiled",)
@@ -90,9 +91,14 @@ def _tiled(q, k, v, **kw):
     return tiled_video_attention(q, k, v, **kw)
 
 
+def _flex(q, k, v, **kw):
+    from clear_cli.attention.video_flex import flex_video_attention
+    return flex_video_attention(q, k, v, **kw)
+
+
 def _triton(q, k, v, **kw):
     from clear_cli.attention.video_triton import clear_video_triton_attention
     return clear_video_triton_attention(q, k, v, **kw)
 
 
-_RUN = {"reference": _reference, "tiled": _tiled, "triton": _triton, SHORTCUT: _sdpa}
+_RUN = {"reference": _reference, "tiled": _tiled, "flex": _flex, "triton": _triton, SHORTCUT: _sdpa}

@@ -141,7 +141,7 @@ def test_auto_whole_volume_shortcut_is_exact():
     (dict(grid=(2, 3, 4), window=0, time_window=1), "window must be"),
     (dict(grid=(2, 3, 4), window=2, time_window=-1), "time_window must be"),
     (dict(grid=(2, 3, 5), window=2, time_window=1), "sequence length 24"),
-    (dict(grid=(2, 3, 4), window=2, time_window=1, backend="flex"), "not one of"),
+    (dict(grid=(2, 3, 4), window=2, time_window=1, backend="natten"), "not one of"),
 ])
 def test_bad_input_names_the_problem(kw, match):
     q = torch.randn(1, 1, 24, 8)
@@ -233,3 +233,16 @@ def test_tiled_under_torch_compile_fullgraph():
     assert torch.allclose(out, ref, atol=1e-5)
     for a, b in zip(got_g, ref_g):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("grid, r, rt", GRIDS)
+@pytest.mark.parametrize("g, tiles", [(0, (None, None)), (3, ((2, 8, 8), (2, 4, 8))), (1, ((2, 4, 16), (1, 4, 16)))])
+def test_flex_block_mask_forward_matches_reference(grid, r, rt, g, tiles):
+    """FlexAttention with the 3-D block mask (eager; the CPU runs it forward only)."""
+    from clear_cli.attention.video_flex import flex_video_attention
+
+    n = g + grid[0] * grid[1] * grid[2]
+    q, k, v = (torch.randn(1, 2, n, 16) for _ in range(3))
+    kw = dict(text_len=g, grid=grid, window=r, time_window=rt)
+    got = flex_video_attention(q, k, v, q_tile=tiles[0], kv_tile=tiles[1], **kw)
+    assert torch.allclose(got, reference_video_attention(q, k, v, **kw), atol=1e-5)

@@ -46,7 +46,7 @@ def test_video_bench_times_on_cpu(capsys):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--frames", "80"], "4k + 1"), (["--res", "470p"], "470p"), (["--backends", "flex"], "video backend"),
+    (["--frames", "80"], "4k + 1"), (["--res", "470p"], "470p"), (["--backends", "natten"], "video backend"),
     (["--wan", "7b"], "Wan 2.1 shape"), (["--time-window", "-1"], "time-window"),
 ])
 def test_video_bench_bad_input(capsys, args, match):
