@@ -52,3 +52,22 @@ def test_video_bench_times_on_cpu(capsys):
 def test_video_bench_bad_input(capsys, args, match):
     code = run(["bench", "attention", "--video", "--no-timing", *args])
     assert code != 0 and match in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_wan_gpu_bench_smoke(tmp_path):
+    """bench/wan_gpu.py --smoke: every section's code path on the CPU at tiny sizes, figures written."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "bench/wan_gpu.py", "--smoke", "--repeats", "1", "--out", str(tmp_path)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "wan_gpu.json").read_text())
+    assert all(max(r["rel_err"].values()) < 1e-5 for r in res["correctness"])
+    assert len(res["attention"]) == 2 and not res["attention"][0]["errors"]
+    assert set(res["steps"][0]["step_s"]) == {"stock", "clear r16 rt4", "clear r8 rt2"}
