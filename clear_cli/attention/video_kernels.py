@@ -71,9 +71,10 @@ def clear_video_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
         raise
     except Exception as e:  # e.g. a compile failure for this shape: tiled for this shape, said once
         _BROKEN.add((first, q.device.type, str(q.dtype), tuple(q.shape), tuple(grid), int(window), int(time_window)))
+        why = str(e).splitlines()[0][:200] if str(e) else ""
         warnings.warn(f"CLEAR video attention: the {first} kernel failed for {tuple(q.shape)} {q.dtype}, grid "
-                      f"{'x'.join(map(str, grid))} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-                      "using tiled for this shape", stacklevel=2)
+                      f"{'x'.join(map(str, grid))} ({type(e).__name__}: {why}); using tiled for this shape",
+                      stacklevel=2)
         return _RUN["tiled"](q, k, v, **kw)
 
 

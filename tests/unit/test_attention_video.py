@@ -246,3 +246,23 @@ def test_flex_block_mask_forward_matches_reference(grid, r, rt, g, tiles):
     kw = dict(text_len=g, grid=grid, window=r, time_window=rt)
     got = flex_video_attention(q, k, v, q_tile=tiles[0], kv_tile=tiles[1], **kw)
     assert torch.allclose(got, reference_video_attention(q, k, v, **kw), atol=1e-5)
+
+
+def test_auto_falls_back_for_that_shape_only(monkeypatch):
+    from clear_cli.attention import video_kernels as vk
+
+    def broken(*a, **k):
+        raise RuntimeError("does not compile")
+
+    monkeypatch.setitem(vk.AUTO_ORDER, "cpu", ("triton", "tiled"))
+    monkeypatch.setattr(vk, "_usable", lambda name, q: (True, ""))
+    monkeypatch.setitem(vk._RUN, "triton", broken)
+    monkeypatch.setattr(vk, "_BROKEN", set())
+    q, k, v = (torch.randn(1, 1, 60, 8, dtype=torch.float64) for _ in range(3))
+    kw = dict(grid=(3, 4, 5), window=2, time_window=1)
+    assert vk.choose_video_backend(q, **kw) == "triton"
+    with pytest.warns(UserWarning, match="triton kernel failed.*using tiled"):
+        out = clear_video_attention(q, k, v, **kw)
+    assert torch.allclose(out, reference_video_attention(q, k, v, text_len=0, **kw), atol=1e-12)
+    assert vk.choose_video_backend(q, **kw) == "tiled"                           # remembered for this shape
+    assert vk.choose_video_backend(q, grid=(3, 4, 5), window=3, time_window=1) == "triton"   # not for others
