@@ -100,7 +100,7 @@ def distil(model: str, work: Path, s: dict, times: dict, tag: str) -> Path:
         synth(model=model, prompts=str(ROOT / "recipes" / "tiny_prompts.txt"), n=s["n_data"], res="128",
               steps=s["synth_steps"], out=str(data), device="cpu", progress=False, overwrite=True)
     with _timed(times, f"distill {tag}"):
-        distill(str(ROOT / "recipes" / "tiny.yaml"), overrides=[f"data={data}", f"model={model}",
+        distill(str(ROOT / "recipes" / "tiny.yaml"), sets=[f"data={data}", f"model={model}",
                                                                  f"train.steps={s['distill_steps']}"],
                 out=str(work / "distill"), overwrite=True, device="cpu", progress=False)
     return weights
@@ -170,7 +170,7 @@ def measure_lora(style_lora: str, fused: str, fused_own: Path, teacher_w: Path, 
 
     clear_lora = tmp / "clear_lora_full_rank.safetensors"
     if not clear_lora.is_file():
-        export(teacher_w, "lora", energy=1.0, out=clear_lora, overwrite=True, progress=False)
+        export(teacher_w, format="lora", energy=1.0, out=clear_lora, overwrite=True, progress=False)
     pipe = load_pipeline("tiny")
     pipe.load_lora_weights(style_lora, adapter_name="style")
     pipe.load_lora_weights(str(clear_lora), adapter_name="clear_attn")  # "clear" would clash with ModuleDict.clear

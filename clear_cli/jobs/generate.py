@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clear_cli.config import doc
+from clear_cli.config import doc, merge_options
+from clear_cli.devices import is_main_process
 from clear_cli.errors import UsageError
 from clear_cli.files import save_png
 from clear_cli.flux import DEFAULT_MODEL, PIXELS_PER_TOKEN, default_text, model_defaults
@@ -43,8 +44,10 @@ from clear_cli.sampling.runner import StageRunner
 
 @dataclass
 class GenConfig:
-    """Everything `clear gen` takes besides the prompts (CLI options map 1:1)."""
+    """Everything `clear gen` takes; each field is the CLI option of the same name (clear_cli/cli/options.py)."""
 
+    prompts: list[str] = doc([], "one or more prompts (quote each)")
+    prompts_file: str | None = doc(None, "text file, one prompt per line (after the prompts given directly)")
     out: str = doc("outputs", "output folder, or a .png file for a single image")
     res: str | None = doc(None, "target size: 1k|2k|4k|8k, WxH or one number (default: the base resolution)")
     window: int | None = doc(None, "CLEAR window radius in tokens (default: from the weights, else 16)")
@@ -60,7 +63,7 @@ class GenConfig:
     guidance: float = doc(3.5, "guidance of the base (or direct) stage")
     refine_guidance: float = doc(7.5, "guidance of refinement stages (the authors' 7.5)")
     seed: int = doc(0, "seed of the first image; image k of a prompt uses seed + k")
-    num_images: int = doc(1, "images per prompt")
+    n: int = doc(1, "images per prompt")
     base_res: str | None = doc(None, "base resolution of the cascade, about its square "
                                      f"(default {default_text('base_res', flux='1k')})")
     upscale: int = doc(2, "upscale factor per refinement stage (the last stage lands on the target)")
@@ -76,6 +79,24 @@ class GenConfig:
     compile: str = doc("auto", "torch.compile of the FLUX blocks: auto (CUDA, from 2K up), on or off")
     parallel: str = doc("none", "none, patch (one image's token rows split over processes) or data (prompts split); "
                                 "needs torchrun / accelerate launch")  # parallel (issue 11)
+
+
+@dataclass
+class GenResult:
+    """What `generate` wrote: one GenOutput per image (iterate it, or index it, like the list it used to be)."""
+
+    images: list[GenOutput]
+    seconds: float
+    is_main: bool = True
+
+    def __iter__(self):
+        return iter(self.images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
 
 
 @dataclass
@@ -132,7 +153,7 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | os.PathLike | None 
 def plan_outputs(prompts: list[str], cfg: GenConfig) -> list[tuple[str, int, Path]]:
     """(prompt, seed, path) for every image, in order; names are `<slug>_<seed>.png` in the output folder."""
     out = Path(cfg.out).expanduser()
-    jobs = [(p, cfg.seed + k) for p in prompts for k in range(cfg.num_images)]
+    jobs = [(p, cfg.seed + k) for p in prompts for k in range(cfg.n)]
     if out.suffix.lower() == ".png":
         if len(jobs) != 1:
             raise UsageError(f"--out {out} names one file but {len(jobs)} images are asked for",
@@ -191,7 +212,7 @@ def _validate(cfg: GenConfig) -> None:
         (cfg.steps is not None and cfg.steps < 1, f"--steps {cfg.steps} must be at least 1", None),
         (cfg.refine_steps is not None and cfg.refine_steps < 1, f"--refine-steps {cfg.refine_steps} must be >= 1",
          None),
-        (cfg.num_images < 1, f"--num-images {cfg.num_images} must be at least 1", None),
+        (cfg.n < 1, f"--n {cfg.n} must be at least 1", None),
         (not 0 < cfg.strength <= 1, f"--strength {cfg.strength} must be in (0, 1]", "the authors use 0.7"),
         (cfg.upscale < 2, f"--upscale {cfg.upscale} must be at least 2", "2 or 4"),
         (cfg.ntk_factor is not None and not cfg.ntk_factor > 0, f"--ntk-factor {cfg.ntk_factor} must be > 0",
@@ -212,18 +233,22 @@ def _validate(cfg: GenConfig) -> None:
     check_compile(cfg.compile)
 
 
-def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, prompts_file: str | None = None,
-             pipe=None, log: Log | None = None, progress: bool = True, **options: Any) -> list[GenOutput]:
+def generate(config: GenConfig | str | Sequence[str] | None = None, *, log: Log | None = None,
+             progress: bool = True, pipe=None, **options: Any) -> GenResult:
     """Generate images with CLEAR attention and write them as PNGs; returns what was written.
 
-    `config` or keyword `options` (the GenConfig fields: res, window, weights, model, steps, out, ...).
+    `config` or keyword `options` (the GenConfig fields: prompts, res, window, weights, model, steps, out, ...);
+    a prompt or list of prompts in place of `config` is `prompts` (`generate("a cat", res="2k")`).
     `pipe`: an already loaded FluxPipeline for `config.model` (skips loading). `log`: receives progress lines
     (stage sizes, start sigmas, times, FLOPs) and warnings; None keeps quiet and sends warnings to `warnings`.
+
+    The steps, in order: check every input before anything loads (`_check`), the attention weights and their
+    geometry (`_weights`), the pipeline (`_load`), the stage plan, then each image (`_run_all`).
     """
-    try:
-        cfg = dataclasses.replace(config or GenConfig(), **options)
-    except TypeError as e:
-        raise UsageError(f"generate(): {e}") from None
+    t_start = time.perf_counter()
+    if "num_images" in options:  # the name before 0.2
+        options["n"] = options.pop("num_images")
+    cfg = merge_options(GenConfig, config, options, job="generate", primary="prompts")
     # --- parallel (issue 11): join the process group, this process's device, one copy of the log ---
     from clear_cli.parallel.launch import start_parallel
 
@@ -232,17 +257,69 @@ def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, p
         cfg = dataclasses.replace(cfg, device=par.device)
         log, progress = par.main_only(log), progress and par.is_main
     # --- end parallel ---
-    say = sayer(log)
+    say, warn = sayer(log), warner(log)
+    c = _check(cfg)
+    weights, window, down = _weights(cfg, c, pipe, say, warn)
+    pipe = _load(cfg, c.device, pipe)
+    from clear_cli.models import text_len
 
-    warn = warner(log)
+    train_seq_len = (c.defaults.base_res // PIXELS_PER_TOKEN) ** 2 + text_len(pipe)
+    stages = plan_stages(c.target, pipe.scheduler.config, base_res=c.base_res, train_res=c.defaults.base_res,
+                         upscale=cfg.upscale, strength=cfg.strength, steps=c.steps, refine_steps=c.refine_steps,
+                         guidance=cfg.guidance, refine_guidance=cfg.refine_guidance, cascade=cfg.cascade,
+                         ntk_factor=cfg.ntk_factor, down_factor=down)
+    plan_txt = " -> ".join(f"{s.width}x{s.height}" for s in stages)
+    say(f"plan: {plan_txt} ({'cascade' if len(stages) > 1 else 'direct'}), window {window}, down_factor {down}, "
+        f"model {cfg.model} on {pipe._execution_device} {str(pipe.transformer.dtype).replace('torch.', '')}")
+    if par is None:
+        runner = StageRunner(pipe, window, down, cfg.backend, weights, train_seq_len)
+    else:  # parallel (issue 11)
+        from clear_cli.parallel.generation import make_runner
 
+        runner = make_runner(par, pipe, window, down, cfg.backend, weights, train_seq_len)
+    base_info = _base_info(cfg, c, weights, window, down, stages)
+    from clear_cli.models.compile import compiled, describe
+
+    try:
+        # patch parallelism exchanges halos inside attention: compiled only on request
+        mode = "off" if cfg.parallel == "patch" and cfg.compile == "auto" else cfg.compile
+        with compiled(pipe, mode, warn=warn) as compile_state:
+            if compile_state is not None:
+                say(describe(compile_state))
+            if par is None:
+                results = _run_all(runner, c.plans, stages, cfg, base_info, c.target, progress, say)
+            else:  # parallel (issue 11)
+                from clear_cli.parallel.generation import run_images
+
+                results = run_images(par, _run_all, runner, c.plans, stages, cfg, base_info, c.target, progress,
+                                     say)
+    finally:
+        runner.restore()
+        if hasattr(pipe, "maybe_free_model_hooks"):
+            pipe.maybe_free_model_hooks()
+    return GenResult(images=results, seconds=time.perf_counter() - t_start, is_main=is_main_process())
+
+
+@dataclass
+class _Checked:
+    """What `_check` resolved from the config: sizes, step counts, output files, the device."""
+
+    defaults: Any
+    base_res: int
+    target: tuple[int, int]
+    steps: int
+    refine_steps: int
+    plans: list[tuple[str, int, Path]]
+    device: Any
+
+
+def _check(cfg: GenConfig) -> _Checked:
+    """Every input that can be checked without a model (options, prompts, sizes, outputs, device, backend)."""
     _validate(cfg)
-    plist = read_prompts([prompts] if isinstance(prompts, str) else list(prompts), prompts_file)
+    plist = read_prompts(list(cfg.prompts), cfg.prompts_file)
     defaults = model_defaults(cfg.model)
     base_res = defaults.base_res if cfg.base_res is None else parse_res(cfg.base_res, "--base-res")[0]
     target = parse_res(cfg.res, "--res") if cfg.res is not None else (base_res, base_res)
-    steps = cfg.steps or defaults.steps
-    refine_steps = cfg.refine_steps or defaults.refine_steps
     plans = plan_outputs(plist, cfg)
     check_outputs(plans, compare=cfg.compare, overwrite=cfg.overwrite)
     from clear_cli.devices import resolve_device, resolve_dtype
@@ -257,16 +334,21 @@ def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, p
         check_backend(cfg.backend, dev)   # e.g. triton without CUDA
     except ValueError as e:
         raise UsageError(f"--backend: {e}") from None
+    return _Checked(defaults, base_res, target, cfg.steps or defaults.steps,
+                    cfg.refine_steps or defaults.refine_steps, plans, dev)
 
+
+def _weights(cfg: GenConfig, c: _Checked, pipe, say: Log, warn: Log):
+    """(weights or None, window, down_factor): read, checked against the model and the device, rebased."""
     from clear_cli.models.weights import load_attention_weights, resolve_geometry
 
     weights = load_attention_weights(cfg.weights) if cfg.weights else None
     notes: list[str] = []
     window, down = resolve_geometry(weights, cfg.window, cfg.down_factor, force=cfg.force, notes=notes)
-    check_target(target, down)
+    check_target(c.target, down)
     from clear_cli.models import fit
 
-    fit.check_gen(cfg, dev, target, weights, pipe)  # the weights fit the architecture, the largest stage the device
+    fit.check_gen(cfg, c.device, c.target, weights, pipe)  # the weights fit the architecture, the largest stage
     for n in notes:
         warn(n)
     if weights is None:
@@ -277,60 +359,37 @@ def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, p
 
         weights = for_model(weights, cfg.model, cfg.base, warn=warn)  # another base: refused, or a delta (--base)
         say(f"weights: {weights.describe()}")
+    return weights, window, down
 
+
+def _load(cfg: GenConfig, dev, pipe):
+    if pipe is not None:
+        return pipe
+    from clear_cli.devices import resolve_dtype
+    from clear_cli.models import load_pipeline
+
+    if cfg.offload:
+        pipe = load_pipeline(cfg.model, device=None, dtype=resolve_dtype(cfg.dtype, dev))
+        pipe.enable_model_cpu_offload(device=dev)
+        return pipe
+    return load_pipeline(cfg.model, device=dev, dtype=cfg.dtype)
+
+
+def _base_info(cfg: GenConfig, c: _Checked, weights, window: int, down: int, stages: list[Stage]) -> dict:
+    """What every PNG records in its text chunks besides its own prompt, seed and stages."""
     from clear_cli import __version__
-    from clear_cli.models import load_pipeline, text_len
 
-    if pipe is None:
-        if cfg.offload:
-            pipe = load_pipeline(cfg.model, device=None, dtype=resolve_dtype(cfg.dtype, dev))
-            pipe.enable_model_cpu_offload(device=dev)
-        else:
-            pipe = load_pipeline(cfg.model, device=dev, dtype=cfg.dtype)
-    train_res = defaults.base_res
-    train_seq_len = (train_res // PIXELS_PER_TOKEN) ** 2 + text_len(pipe)
-    stages = plan_stages(target, pipe.scheduler.config, base_res=base_res, train_res=train_res, upscale=cfg.upscale,
-                         strength=cfg.strength, steps=steps, refine_steps=refine_steps, guidance=cfg.guidance,
-                         refine_guidance=cfg.refine_guidance, cascade=cfg.cascade, ntk_factor=cfg.ntk_factor,
-                         down_factor=down)
-    plan_txt = " -> ".join(f"{s.width}x{s.height}" for s in stages)
-    say(f"plan: {plan_txt} ({'cascade' if len(stages) > 1 else 'direct'}), window {window}, down_factor {down}, "
-        f"model {cfg.model} on {pipe._execution_device} {str(pipe.transformer.dtype).replace('torch.', '')}")
-    if par is None:
-        runner = StageRunner(pipe, window, down, cfg.backend, weights, train_seq_len)
-    else:  # parallel (issue 11)
-        from clear_cli.parallel.generation import make_runner
-
-        runner = make_runner(par, pipe, window, down, cfg.backend, weights, train_seq_len)
-    w, h = target
-    base_info = {
+    cascade = len(stages) > 1
+    w, h = c.target
+    return {
         "model": cfg.model, "window": window, "down_factor": down,
         "weights": weights.source if weights else "none (zero-shot)",
         "weights_sha256": weights.sha256 if weights else "",
         "weights_base": cfg.base,
-        "steps": steps, "refine_steps": refine_steps if len(stages) > 1 else None, "guidance": cfg.guidance,
-        "refine_guidance": cfg.refine_guidance if len(stages) > 1 else None,
-        "strength": cfg.strength if len(stages) > 1 else None, "size": f"{w}x{h}", "software": f"clear-dit {__version__}",
+        "steps": c.steps, "refine_steps": c.refine_steps if cascade else None, "guidance": cfg.guidance,
+        "refine_guidance": cfg.refine_guidance if cascade else None,
+        "strength": cfg.strength if cascade else None, "size": f"{w}x{h}", "software": f"clear-dit {__version__}",
     }
-    from clear_cli.models.compile import compiled, describe
-
-    try:
-        # patch parallelism exchanges halos inside attention: compiled only on request
-        mode = "off" if cfg.parallel == "patch" and cfg.compile == "auto" else cfg.compile
-        with compiled(pipe, mode, warn=warn) as compile_state:
-            if compile_state is not None:
-                say(describe(compile_state))
-            if par is None:
-                results = _run_all(runner, plans, stages, cfg, base_info, target, progress, say)
-            else:  # parallel (issue 11)
-                from clear_cli.parallel.generation import run_images
-
-                results = run_images(par, _run_all, runner, plans, stages, cfg, base_info, target, progress, say)
-    finally:
-        runner.restore()
-        if hasattr(pipe, "maybe_free_model_hooks"):
-            pipe.maybe_free_model_hooks()
-    return results
 
 
 def _run_all(runner: StageRunner, plans, stages: list[Stage], cfg: GenConfig, base_info: dict, target: tuple[int, int],

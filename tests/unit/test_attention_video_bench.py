@@ -1,4 +1,4 @@
-"""`clear bench attention --video`: Wan grids, exact counts against the geometry, timing rows, bad input."""
+"""`clear bench video`: Wan grids, exact counts against the geometry, timing rows, bad input."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_wan_token_grids():
 
 
 def test_video_bench_counts(capsys):
-    code = run(["bench", "attention", "--video", "--window", "16", "--time-window", "4", "--no-timing", "--json"])
+    code = run(["bench", "video", "--window", "16", "--time-window", "4", "--no-timing", "--json"])
     rows = json.loads(capsys.readouterr().out)
     assert code == 0 and [r["grid"] for r in rows] == [[21, 30, 52], [21, 45, 80]]
     r = rows[1]
@@ -35,7 +35,7 @@ def test_video_bench_counts(capsys):
 
 
 def test_video_bench_times_on_cpu(capsys):
-    code = run(["bench", "attention", "--video", "--res", "128x96", "--frames", "9", "--window", "3",
+    code = run(["bench", "video", "--res", "128x96", "--frames", "9", "--window", "3",
                 "--time-window", "1", "--heads", "2", "--head-dim", "8", "--device", "cpu",
                 "--backends", "auto,reference", "--repeats", "1", "--json"])
     rows = json.loads(capsys.readouterr().out)
@@ -51,7 +51,7 @@ def test_video_bench_times_on_cpu(capsys):
     (["--wan", "7b"], "Wan 2.1 shape"), (["--time-window", "-1"], "time-window"),
 ])
 def test_video_bench_bad_input(capsys, args, match):
-    code = run(["bench", "attention", "--video", "--no-timing", *args])
+    code = run(["bench", "video", "--no-timing", *args])
     assert code != 0 and match in capsys.readouterr().err
 
 
