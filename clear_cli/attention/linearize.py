@@ -113,7 +113,7 @@ def linearize(model, window: int = 16, down_factor: int = 1, backend: str = "aut
     """
     if _video_model(model, time_window, down_factor, proportional_attention, ntk_factor, keep_teacher):
         from clear_cli.attention.wan import linearize_wan
-        return linearize_wan(model, window, time_window, backend)
+        return linearize_wan(model, window, time_window, backend, ntk_factor=ntk_factor)
     transformer = _transformer(model)
     settings = _settings(window, down_factor, backend, proportional_attention, train_seq_len, ntk_factor,
                          log_scale_factor)
@@ -156,9 +156,9 @@ def _video_model(model, time_window, down_factor, proportional_attention, ntk_fa
     if time_window is None:
         raise ValueError("a video model needs time_window too (temporal radius in latent frames; 0 = same frame), "
                          "e.g. linearize(pipe, window=16, time_window=4)")
-    if down_factor != 1 or proportional_attention or ntk_factor is not None or keep_teacher:
-        raise ValueError("Wan takes window, time_window and backend only so far (no down_factor, proportional "
-                         "attention, ntk_factor or keep_teacher)")
+    if down_factor != 1 or proportional_attention or keep_teacher:
+        raise ValueError("Wan takes window, time_window, backend and ntk_factor only so far (no down_factor, "
+                         "proportional attention or keep_teacher)")
     return True
 
 

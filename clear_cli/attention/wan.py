@@ -13,7 +13,9 @@ any clip length and size works without configuration. The processor computes q/k
 the stock one does, then `clear_video_attention`; with a window that covers the whole volume it is stock attention.
 
 Self-contained on purpose: it becomes the Wan adapter once the model-adapter interface lands (issue 19).
-Not yet here: teacher copies for distillation, trainable-parameter selection, RoPE NTK scaling.
+`ntk_factor` rebuilds the 3-D RoPE tables with theta x factor on every axis (NTK, as the 2-D path does for FLUX)
+and `unlinearize_wan` puts the stock tables back.
+Not yet here: teacher copies for distillation, trainable-parameter selection.
 """
 
 from __future__ import annotations
@@ -61,6 +63,33 @@ class WanClearState:
     originals: list = field(default_factory=list)
     grid: tuple[int, int, int] | None = None
     hook: object = None
+    rope: tuple | None = None   # the stock (freqs_cos, freqs_sin) while an NTK factor is applied
+
+
+def _rope_tables(rope: nn.Module, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wan's per-axis RoPE tables (frames, rows, columns) rebuilt with theta x factor on every axis."""
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    cos, sin = [], []
+    for dim in (rope.t_dim, rope.h_dim, rope.w_dim):
+        c, s = get_1d_rotary_pos_embed(dim, rope.max_seq_len, 10000.0, use_real=True, repeat_interleave_real=True,
+                                       freqs_dtype=rope.freqs_cos.dtype, ntk_factor=float(factor))
+        cos.append(c)
+        sin.append(s)
+    dev = rope.freqs_cos.device
+    return torch.cat(cos, dim=1).to(dev), torch.cat(sin, dim=1).to(dev)
+
+
+def _set_rope(transformer: nn.Module, state: WanClearState, ntk_factor: float | None) -> None:
+    rope = transformer.rope
+    if state.rope is not None:   # back to the stock tables first
+        rope.freqs_cos, rope.freqs_sin = state.rope
+        state.rope = None
+    if ntk_factor is not None:
+        if not ntk_factor > 0:
+            raise ValueError(f"ntk_factor must be > 0, got {ntk_factor!r}")
+        state.rope = (rope.freqs_cos, rope.freqs_sin)
+        rope.freqs_cos, rope.freqs_sin = _rope_tables(rope, ntk_factor)
 
 
 def _grid_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -113,10 +142,12 @@ class ClearWanAttnProcessor:
         return attn.to_out[1](out)
 
 
-def linearize_wan(model, window: int = 16, time_window: int = 4, backend: str = "auto"):
+def linearize_wan(model, window: int = 16, time_window: int = 4, backend: str = "auto",
+                  ntk_factor: float | None = None):
     """Install 3-D CLEAR in every self-attention of a Wan transformer (or pipeline); return `model`. Calling it again
     replaces the settings. window: spatial radius in tokens (16 px each at Wan's VAE /8 and patch 2); time_window:
-    temporal radius in latent frames (4 pixel frames each; 0 = the same frame only)."""
+    temporal radius in latent frames (4 pixel frames each; 0 = the same frame only); ntk_factor: RoPE theta x
+    factor on every axis (None: stock RoPE)."""
     transformer = wan_transformer(model)
     if transformer is None:
         raise ValueError(f"expected a Wan pipeline or WanTransformer3DModel, got {type(model).__name__}")
@@ -133,6 +164,7 @@ def linearize_wan(model, window: int = 16, time_window: int = 4, backend: str = 
     for attn in modules:
         if not isinstance(attn.processor, ClearWanAttnProcessor) or attn.processor._state is not state:
             attn.set_processor(ClearWanAttnProcessor(state))
+    _set_rope(transformer, state, ntk_factor)
     return model
 
 
@@ -144,6 +176,7 @@ def unlinearize_wan(model):
         return model
     for attn, original in zip(self_attention_modules(transformer), state.originals):
         attn.set_processor(original)
+    _set_rope(transformer, state, None)
     state.hook.remove()
     delattr(transformer, STATE_ATTR)
     return model

@@ -104,7 +104,7 @@ def test_only_self_attention_changes(wan):
 def test_linearize_options_are_checked(wan):
     with pytest.raises(ValueError, match="needs time_window"):
         clear_cli.linearize(wan, window=4)
-    with pytest.raises(ValueError, match="window and time_window and backend only|window, time_window"):
+    with pytest.raises(ValueError, match="window, time_window, backend and ntk_factor only"):
         clear_cli.linearize(wan, window=4, time_window=1, down_factor=2)
     with pytest.raises(ValueError, match="time_window must be"):
         clear_cli.linearize(wan, window=4, time_window=-1)
@@ -125,3 +125,28 @@ def test_calling_blocks_without_the_transformer_says_why(wan):
             attn(torch.randn(1, 10, 24))
     finally:
         unlinearize_wan(wan)
+
+
+def test_rope_ntk_factor_scales_and_restores(wan):
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    rope = wan.rope
+    stock = rope.freqs_cos.clone(), rope.freqs_sin.clone()
+    x = _inputs()
+    try:
+        clear_cli.linearize(wan, window=10, time_window=4, ntk_factor=1.0)   # factor 1: the stock tables
+        assert torch.allclose(rope.freqs_cos, stock[0]) and torch.allclose(rope.freqs_sin, stock[1])
+        with torch.no_grad():
+            base = wan(*x).sample
+        clear_cli.linearize(wan, window=10, time_window=4, ntk_factor=10.0)
+        want, _ = get_1d_rotary_pos_embed(rope.t_dim, rope.max_seq_len, 100000.0, use_real=True,
+                                          repeat_interleave_real=True, freqs_dtype=stock[0].dtype)
+        assert torch.allclose(rope.freqs_cos[:, :rope.t_dim], want)          # theta x 10 on the frame axis
+        with torch.no_grad():
+            assert (wan(*x).sample - base).abs().max() > 1e-3
+        clear_cli.linearize(wan, window=10, time_window=4)                   # None: stock again
+        assert torch.equal(rope.freqs_cos, stock[0])
+        clear_cli.linearize(wan, window=10, time_window=4, ntk_factor=4.0)
+    finally:
+        clear_cli.unlinearize(wan)
+    assert torch.equal(rope.freqs_cos, stock[0]) and torch.equal(rope.freqs_sin, stock[1])
