@@ -48,6 +48,8 @@ def register(app: typer.Typer) -> None:
             if grid[0] % cfg.down_factor or grid[1] % cfg.down_factor:
                 raise UsageError(f"--down-factor {cfg.down_factor} does not divide the {grid[0]}x{grid[1]} token "
                                  f"grid of --res {r}")
+        if cfg.reference_res:
+            token_grid(cfg.reference_res)   # a bad size is a one-line error before any work
         log = None if json_out or not progress else (lambda s: typer.echo(s, err=True))
         rows = bench_attention(cfg, log=log).rows
         if json_out:

@@ -42,6 +42,8 @@ class AttentionBenchConfig:
     max_full_tflop: float = doc(0.0, "Skip timing full attention above this many TFLOPs (0: 2 on CPU, 2000 on CUDA).")
     max_tokens_cuda_full: int = doc(300_000, "Skip full attention beyond this many tokens on CUDA.")
     timing: bool = doc(True, "Measure times (off: work counts only).")
+    reference_res: str = doc("", "A reference image's resolution (Kontext), same forms as res; its tokens are "
+                                 "global like text (the `global` rule, attention/layout.py). Empty: none.")
 
 
 @dataclass
@@ -122,6 +124,15 @@ def bench_attention(config: AttentionBenchConfig | None = None, *, log: Log | No
     return BenchResult(rows)
 
 
+def _layout(cfg: AttentionBenchConfig, grid: tuple[int, int]):
+    """Text, the target grid, then the reference's tokens (--reference-res), which the kernels count as global."""
+    from clear_cli.attention.layout import ImageGrid, TokenLayout
+
+    h, w = grid
+    ref = (ImageGrid(1, h * w, *token_grid(cfg.reference_res)),) if cfg.reference_res else ()
+    return TokenLayout(cfg.text_len, (ImageGrid(0, 0, h, w), *ref))
+
+
 def _count_row(cfg: AttentionBenchConfig, res: str, device, dtype) -> dict:
     """One resolution's work counts (full / exact / paper) and each kernel's schedule work, without running."""
     from clear_cli.attention.kernels import choose_backend
@@ -129,11 +140,13 @@ def _count_row(cfg: AttentionBenchConfig, res: str, device, dtype) -> dict:
     h, w = grid = token_grid(res)
     if (h % cfg.down_factor) or (w % cfg.down_factor):
         raise ValueError(f"down_factor {cfg.down_factor} does not divide the {h}x{w} token grid of {res}")
-    t, d_model = cfg.text_len, cfg.heads * cfg.head_dim
-    n = t + h * w
+    layout = _layout(cfg, grid)
+    t, d_model = layout.global_len, cfg.heads * cfg.head_dim
+    n = layout.seq_len
     exact = count_pairs(grid, t, cfg.window, cfg.down_factor)
     row: dict = {
-        "res": res, "grid": [h, w], "tokens": n, "window": cfg.window, "down_factor": cfg.down_factor,
+        "res": res, "grid": [h, w], "reference": list(layout.references[0].shape) if layout.references else None,
+        "tokens": n, "window": cfg.window, "down_factor": cfg.down_factor,
         "full_tflop": attention_flops(full_pairs(grid, t), d_model) / 1e12,
         "exact_tflop": attention_flops(exact, d_model) / 1e12,
         "paper_tflop": attention_flops(paper_pairs(grid, t, cfg.window, cfg.down_factor), d_model) / 1e12,
@@ -207,12 +220,20 @@ def _kernels(cfg: AttentionBenchConfig, row: dict, q, k, v, device) -> dict[str,
     else:
         row["notes"].append(f"full attention not timed ({row['full_tflop'] * cfg.batch_size:.1f} TFLOP > "
                             f"{max_full:g} on {device.type}; raise --max-full-tflop to force)")
+    from clear_cli.attention.layout import attend
+
     auto = row["auto"]["backend"]
     grid = tuple(row["grid"])
+    layout = _layout(cfg, grid)
     for b in dict.fromkeys(auto if b == "auto" else b for b in cfg.backends):
         ask = "auto" if b == auto and "auto" in cfg.backends else b   # `auto` keeps its shortcut and fallbacks
-        kernels[b] = (lambda ask=ask: clear_attention(q, k, v, text_len=cfg.text_len, grid=grid, window=cfg.window,
-                                                      down_factor=cfg.down_factor, backend=ask))
+        if layout.references:   # in the model's order: the permutation to kernel order is part of the cost
+            kernels[b] = (lambda ask=ask: attend(q, k, v, layout, window=cfg.window, down_factor=cfg.down_factor,
+                                                 backend=ask))
+        else:
+            kernels[b] = (lambda ask=ask: clear_attention(q, k, v, text_len=cfg.text_len, grid=grid,
+                                                          window=cfg.window, down_factor=cfg.down_factor,
+                                                          backend=ask))
     return kernels
 
 
@@ -239,7 +260,8 @@ def _follow_fallback(cfg: AttentionBenchConfig, row: dict, kernels: dict[str, Ca
     """A kernel failed for this shape during the warm-up: `auto` now runs another; time it under that name."""
     from clear_cli.attention.kernels import choose_backend, fallback_reason
 
-    grid, t, shape = tuple(row["grid"]), cfg.text_len, _shape(cfg, row["tokens"])
+    grid, shape = tuple(row["grid"]), _shape(cfg, row["tokens"])
+    t = _layout(cfg, grid).global_len
     fell_back = fallback_reason(device, dtype, shape, grid, t, cfg.window, cfg.down_factor)
     if not (fell_back and "auto" in cfg.backends):
         return
@@ -267,8 +289,10 @@ def format_table(rows: list[dict], peak_label: str = "peak MB") -> str:
     for r in rows:
         sched = "; ".join(f"{b} work/exact {s['work_over_exact']:.2f} (image {s['image_work_over_exact']:.2f})"
                           for b, s in r["schedules"].items())
-        lines.append(f"{r['res']} ({r['grid'][0]}x{r['grid'][1]} tokens + text = {r['tokens']}), r={r['window']}, "
-                     f"f={r['down_factor']}")
+        ref = r.get("reference")
+        plus = f" + reference {ref[0]}x{ref[1]}" if ref else ""
+        lines.append(f"{r['res']} ({r['grid'][0]}x{r['grid'][1]} tokens{plus} + text = {r['tokens']}), "
+                     f"r={r['window']}, f={r['down_factor']}")
         lines.append(f"  TFLOP/layer: full {r['full_tflop']:.3f}, CLEAR exact {r['exact_tflop']:.4f}, "
                      f"paper {r['paper_tflop']:.4f} (full/exact {r['flop_ratio']:.1f}x)")
         if sched:

@@ -79,6 +79,12 @@ class GenConfig:
     compile: str = doc("auto", "torch.compile of the FLUX blocks: auto (CUDA, from 2K up), on or off")
     parallel: str = doc("none", "none, patch (one image's token rows split over processes) or data (prompts split); "
                                 "needs torchrun / accelerate launch")  # parallel (issue 11)
+    image: str | None = doc(None, "input image: the start of img2img (--strength), the picture to inpaint "
+                                  "(--mask), or with --kontext a reference image; one direct stage")
+    mask: str | None = doc(None, "inpainting mask (white = repaint) for --image; FLUX.1-Fill models use it too")
+    control: str | None = doc(None, "ControlNet control image (needs --controlnet)")
+    controlnet: str | None = doc(None, "FLUX ControlNet model for --control: hub id or local folder")
+    kontext: bool = doc(False, "--image is a Kontext reference (FLUX.1-Kontext models), not an img2img start")
 
 
 @dataclass
@@ -224,6 +230,9 @@ def _validate(cfg: GenConfig) -> None:
     for bad, msg, hint in checks:
         if bad:
             raise UsageError(msg, hint)
+    from clear_cli.sampling import conditioned
+
+    conditioned.check(conditioning(cfg), parallel=cfg.parallel)
     from clear_cli.attention import BACKENDS
 
     if cfg.backend not in BACKENDS:
@@ -264,6 +273,10 @@ def generate(config: GenConfig | str | Sequence[str] | None = None, *, log: Log 
     from clear_cli.models import text_len
 
     train_seq_len = (c.defaults.base_res // PIXELS_PER_TOKEN) ** 2 + text_len(pipe)
+    if c.cond_images:   # --image / --mask / --control: the stock pipeline for them, one direct stage
+        results = generate_conditioned(pipe, conditioning(cfg), c.cond_images, c.plans, cfg, c.target, window, down,
+                                       weights, train_seq_len, c.steps, progress, say, warn)
+        return GenResult(images=results, seconds=time.perf_counter() - t_start, is_main=is_main_process())
     stages = plan_stages(c.target, pipe.scheduler.config, base_res=c.base_res, train_res=c.defaults.base_res,
                          upscale=cfg.upscale, strength=cfg.strength, steps=c.steps, refine_steps=c.refine_steps,
                          guidance=cfg.guidance, refine_guidance=cfg.refine_guidance, cascade=cfg.cascade,
@@ -311,6 +324,7 @@ class _Checked:
     refine_steps: int
     plans: list[tuple[str, int, Path]]
     device: Any
+    cond_images: dict = field(default_factory=dict)  # --image / --mask / --control, read
 
 
 def _check(cfg: GenConfig) -> _Checked:
@@ -319,7 +333,12 @@ def _check(cfg: GenConfig) -> _Checked:
     plist = read_prompts(list(cfg.prompts), cfg.prompts_file)
     defaults = model_defaults(cfg.model)
     base_res = defaults.base_res if cfg.base_res is None else parse_res(cfg.base_res, "--base-res")[0]
-    target = parse_res(cfg.res, "--res") if cfg.res is not None else (base_res, base_res)
+    from clear_cli.sampling.conditioned import target_size
+
+    cond_images = read_conditioning(conditioning(cfg))
+    from_input = target_size(conditioning(cfg), cond_images)   # default size: the input image's
+    target = (parse_res(cfg.res, "--res") if cfg.res is not None else
+              from_input if from_input is not None else (base_res, base_res))
     plans = plan_outputs(plist, cfg)
     check_outputs(plans, compare=cfg.compare, overwrite=cfg.overwrite)
     from clear_cli.devices import resolve_device, resolve_dtype
@@ -335,7 +354,7 @@ def _check(cfg: GenConfig) -> _Checked:
     except ValueError as e:
         raise UsageError(f"--backend: {e}") from None
     return _Checked(defaults, base_res, target, cfg.steps or defaults.steps,
-                    cfg.refine_steps or defaults.refine_steps, plans, dev)
+                    cfg.refine_steps or defaults.refine_steps, plans, dev, cond_images)
 
 
 def _weights(cfg: GenConfig, c: _Checked, pipe, say: Log, warn: Log):
@@ -390,6 +409,120 @@ def _base_info(cfg: GenConfig, c: _Checked, weights, window: int, down: int, sta
         "refine_guidance": cfg.refine_guidance if cascade else None,
         "strength": cfg.strength if cascade else None, "size": f"{w}x{h}", "software": f"clear-dit {__version__}",
     }
+
+
+# ---------------------------------------------------- --image / --mask / --control (clear_cli.sampling.conditioned)
+
+def conditioning(cfg: GenConfig):
+    from clear_cli.sampling.conditioned import Conditioning
+
+    return Conditioning(image=cfg.image, mask=cfg.mask, control=cfg.control, controlnet=cfg.controlnet,
+                        kontext=cfg.kontext)
+
+
+def read_conditioning(cond) -> dict:
+    from clear_cli.sampling.conditioned import read_image
+
+    images = {}
+    for key, path, mode in (("image", cond.image, "RGB"), ("mask", cond.mask, "L"), ("control", cond.control, "RGB")):
+        if path:
+            images[key] = read_image(path, f"--{key}", mode)
+    return images
+
+
+def generate_conditioned(pipe, cond, images: dict, plans, cfg: GenConfig, target: tuple[int, int], window: int,
+                          down: int, weights, train_seq_len: int, steps: int, progress: bool, say: Log,
+                          warn) -> list[GenOutput]:
+    """`--image / --mask / --control`: the stock pipeline for those inputs, one direct stage, linearized."""
+    import torch
+
+    from clear_cli import __version__
+    from clear_cli.attention.linearize import linearize, unlinearize
+    from clear_cli.flux import TINY_MODELS
+    from clear_cli.models import text_len
+    from clear_cli.sampling import conditioned
+
+    name = conditioned.choose(cond, pipe.transformer)
+    cn = None
+    if cond.control:
+        cn = conditioned.load_controlnet(cond.controlnet, pipe._execution_device, pipe.transformer.dtype)
+    variant = conditioned.build(pipe, name, cn)
+    variant.set_progress_bar_config(disable=not progress, leave=False)
+    w, h = target
+    if cfg.res is not None and cfg.cascade and max(w, h) > model_defaults(cfg.model).base_res:
+        warn(f"{name} samples directly at {w}x{h} (no cascade with --image/--mask/--control)")
+    tiny = cfg.model in TINY_MODELS or cfg.model == "tiny-random"
+    kw = conditioned.call_kwargs(name, images, width=w, height=h, strength=cfg.strength, tiny=tiny)
+    runner = StageRunner(variant, window, down, cfg.backend, weights, train_seq_len)
+    say(f"plan: {name} at {w}x{h} (direct), window {window}, down_factor {down}, model {cfg.model} on "
+        f"{pipe._execution_device} {str(pipe.transformer.dtype).replace('torch.', '')}")
+    info_base = {"model": cfg.model, "pipeline": name, "window": window, "down_factor": down,
+                 "weights": weights.source if weights else "none (zero-shot)",
+                 "weights_sha256": weights.sha256 if weights else "", "weights_base": cfg.base,
+                 "image": cond.image, "mask": cond.mask, "control": cond.control, "controlnet": cond.controlnet,
+                 "steps": steps, "guidance": cfg.guidance, "size": f"{w}x{h}", "software": f"clear-dit {__version__}"}
+    info_base = {k: v for k, v in info_base.items() if v is not None}
+    if "Img2Img" in name or "Inpaint" in name:
+        info_base["strength"] = cfg.strength
+
+    def draw(prompt: str, seed: int, attention: str):
+        runner.use(attention, None, False)   # CLEAR + the student weights, or the original model
+        if cn is not None:
+            if attention == "clear":
+                linearize(cn, window, down, cfg.backend)
+            else:
+                unlinearize(cn)
+        out = variant(prompt=prompt, num_inference_steps=steps, guidance_scale=cfg.guidance,
+                      max_sequence_length=text_len(variant), generator=torch.Generator("cpu").manual_seed(seed),
+                      **kw)
+        return out.images[0]
+
+    from clear_cli.models.compile import compiled, describe
+
+    results: list[GenOutput] = []
+    try:
+        with compiled(pipe, cfg.compile, warn=warn) as compile_state:   # the variant shares the transformer
+            if compile_state is not None:
+                say(describe(compile_state))
+            results = _conditioned_images(draw, runner, plans, cfg, name, w, h, steps, info_base, say)
+    finally:
+        runner.restore()
+        if cn is not None:
+            unlinearize(cn)
+    return results
+
+
+def _conditioned_images(draw, runner: StageRunner, plans, cfg: GenConfig, name: str, w: int, h: int, steps: int,
+                        info_base: dict, say: Log) -> list[GenOutput]:
+    results: list[GenOutput] = []
+    for i, (prompt, seed, path) in enumerate(plans):
+        say(f"[{i + 1}/{len(plans)}] {prompt!r} seed {seed} -> {path}")
+        t0 = time.perf_counter()
+        image = draw(prompt, seed, "clear")
+        runner.sync()
+        seconds = time.perf_counter() - t0
+        info = {"prompt": prompt, "seed": seed, "attention": "clear", **info_base}
+        save_png(image, path, info)
+        out = GenOutput(path=path, prompt=prompt, seed=seed, width=image.width, height=image.height,
+                        seconds=seconds, stages=[{"kind": "direct", "pipeline": name, "width": w, "height": h,
+                                                  "attention": "clear", "steps": steps, "seconds": seconds}])
+        say(f"  wrote {path} ({image.width}x{image.height}, {seconds:.1f} s)")
+        if cfg.compare:
+            from clear_cli.metrics.pixel import image_psnr, image_ssim
+
+            t1 = time.perf_counter()
+            full = draw(prompt, seed, "full")
+            out.full_seconds = time.perf_counter() - t1
+            out.full_path, out.compare_path = _companions(path)
+            out.psnr, out.ssim = image_psnr(image, full), image_ssim(image, full)
+            save_png(full, out.full_path, {**info, "attention": "full"})
+            save_png(side_by_side(image, full), out.compare_path,
+                     {**info, "layout": "left: CLEAR, right: full attention", "psnr_db": round(out.psnr, 3),
+                      "ssim": round(out.ssim, 5)})
+            say(f"  compare: CLEAR vs full attention PSNR {out.psnr:.2f} dB, SSIM {out.ssim:.4f} -> "
+                f"{out.compare_path}")
+        results.append(out)
+    return results
 
 
 def _run_all(runner: StageRunner, plans, stages: list[Stage], cfg: GenConfig, base_info: dict, target: tuple[int, int],
