@@ -65,6 +65,7 @@ class CallContext:
     teacher: bool = False
     capture: Capture | None = None
     recorded: set[int] = field(default_factory=set)  # layers already recorded in this call (recompute skips them)
+    text_mask: torch.Tensor | None = None  # [B, T] bool of valid text keys (padding), where the adapter reads one
     layout: TokenLayout | None = None  # every image of the call; None = text then `grid` alone
 
     def __post_init__(self):
@@ -86,6 +87,7 @@ class ClearState:
     capture: Capture | None = None
     signature: inspect.Signature | None = None
     last_call: CallContext | None = None  # for models whose blocks drop joint_attention_kwargs (FluxControlNetModel)
+    adapter: Any = None  # the model family's adapter (attention/adapters/): how to read a call, which modules
 
 
 def grid_from_img_ids(img_ids: torch.Tensor, n_image: int | None = None) -> tuple[int, int]:
@@ -108,16 +110,9 @@ def _bound(module: torch.nn.Module, state: ClearState, args: tuple, kwargs: dict
     return state.signature.bind_partial(*args, **kwargs)
 
 
-def geometry_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """Forward pre-hook (with_kwargs): read the call's text length and grid, pass a CallContext to the processors.
-
-    A module-level function reading `module._clear_state`, so a deep copy of the model carries its own state.
-    """
-    state: ClearState | None = getattr(module, "_clear_state", None)
-    if state is None:
-        return None
-    bound = _bound(module, state, args, kwargs)
-    a = bound.arguments
+def flux_call_geometry(a: dict) -> tuple[int, TokenLayout]:
+    """(text length, token layout) of one FLUX transformer call from its bound arguments (`img_ids`, `txt_ids`,
+    `hidden_states`, `encoder_hidden_states`). The FLUX adapter reads calls through this one function."""
     img_ids, txt_ids = a.get("img_ids"), a.get("txt_ids")
     hidden, enc = a.get("hidden_states"), a.get("encoder_hidden_states")
     if img_ids is None:
@@ -134,19 +129,38 @@ def geometry_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tup
     else:
         raise ValueError("the CLEAR transformer was called without encoder_hidden_states or txt_ids: "
                          "it needs the text length")
-    layout = read_layout(img_ids, text_len, n_image)
-    grid = layout.target.shape
+    return text_len, read_layout(img_ids, text_len, n_image)
+
+
+def geometry_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook (with_kwargs): read the call's text length, token layout and padding (through the model's
+    adapter) and pass a CallContext to the processors in the adapter's kwargs argument.
+
+    A module-level function reading `module._clear_state`, so a deep copy of the model carries its own state.
+    """
+    state: ClearState | None = getattr(module, "_clear_state", None)
+    if state is None:
+        return None
+    bound = _bound(module, state, args, kwargs)
+    a = bound.arguments
+    if state.adapter is None:
+        text_len, layout = flux_call_geometry(a)
+        grid, text_mask, arg = layout.target.shape, None, "joint_attention_kwargs"
+    else:
+        text_len, grid, text_mask, layout = state.adapter.read_call(a)
+        arg = state.adapter.kwargs_argument
     call = CallContext(text_len=text_len, grid=grid, teacher=state.teacher_depth > 0, capture=state.capture,
-                       layout=layout)
+                       text_mask=text_mask, layout=layout)
     # For models whose blocks drop joint_attention_kwargs (FluxControlNetModel); no capture: holds no graph.
-    state.last_call = CallContext(text_len=text_len, grid=grid, teacher=call.teacher, layout=layout)
-    jak = dict(a.get("joint_attention_kwargs") or {})  # a copy: the pipeline's dict may be shared (ControlNet)
+    state.last_call = CallContext(text_len=text_len, grid=grid, teacher=call.teacher, text_mask=text_mask,
+                                  layout=layout)
+    jak = dict(a.get(arg) or {})  # a copy: the pipeline's dict may be shared (ControlNet)
     jak[CALL_KEY] = call
     # Keep the caller's layout: decorators such as diffusers' apply_lora_scale read joint_attention_kwargs by keyword.
     names = list(state.signature.parameters)
-    pos = names.index("joint_attention_kwargs") if "joint_attention_kwargs" in names else len(args)
+    pos = names.index(arg) if arg in names else len(args)
     if pos < len(args):
         args = (*args[:pos], jak, *args[pos + 1:])
     else:
-        kwargs = {**kwargs, "joint_attention_kwargs": jak}
+        kwargs = {**kwargs, arg: jak}
     return args, kwargs

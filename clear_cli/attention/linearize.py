@@ -1,4 +1,4 @@
-"""`linearize` / `unlinearize` a FLUX transformer, and the hooks distillation uses (teacher pass, attention capture).
+"""`linearize` / `unlinearize` a diffusion transformer of any family with a model adapter (FLUX first), and the hooks distillation uses (teacher pass, attention capture).
 
     import clear_cli
     pipe = clear_cli.load_pipeline("tiny")
@@ -19,16 +19,17 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from clear_cli.attention.adapters import ModelAdapter, adapter_for, families
 from clear_cli.attention.context import (
     FLUX_TRAIN_SEQ_LEN, Capture, ClearSettings, ClearState, geometry_pre_hook, proportional_scale,
 )
 from clear_cli.attention.layout import KERNEL_RULE, REFERENCE_RULES
-from clear_cli.attention.processors import ClearFluxAttnProcessor
-from clear_cli.attention import rope
+from clear_cli.attention.processors import ClearProcessorBase
 
 __all__ = [
     "linearize", "unlinearize", "is_linearized", "teacher_mode", "capture_attention", "attention_modules",
     "clear_processors", "default_attention_layers", "trainable_attention_parameters", "proportional_scale",
+    "model_adapter",
 ]
 
 STATE_ATTR = "_clear_state"
@@ -62,8 +63,14 @@ def _transformer(model) -> nn.Module:
         if not isinstance(model, nn.Module):
             inner = getattr(model, "transformer", None)
             found += f" whose transformer is {type(inner).__name__}" if inner is not None else " without a transformer"
-        raise ValueError(f"linearize found a {found} (no FluxAttention modules); it supports {SUPPORTED}")
+        raise ValueError(f"linearize found a {found} (no FluxAttention modules); it supports {SUPPORTED}; other "
+                         f"families with a model adapter: {', '.join(f for f in families() if f != 'flux')}")
     return module
+
+
+def model_adapter(model) -> ModelAdapter:
+    """The adapter of the model's family (attention/adapters/): how CLEAR reads and replaces its attention."""
+    return adapter_for(_transformer(model))
 
 
 def _controlnets(model) -> list[nn.Module]:
@@ -78,16 +85,16 @@ def _controlnets(model) -> list[nn.Module]:
 
 
 def attention_modules(transformer: nn.Module) -> list[nn.Module]:
-    """Every FluxAttention in processor order: double blocks first, then single blocks (as registered)."""
-    from diffusers.models.transformers.transformer_flux import FluxAttention
+    """The attention modules CLEAR replaces, in processor order (FLUX: every FluxAttention, double blocks first,
+    then single blocks, as registered; other families: their adapter's order)."""
+    adapter = adapter_for(transformer)
+    return adapter.attention_modules(transformer) if adapter is not None else []
 
-    return [m for m in transformer.modules() if isinstance(m, FluxAttention)]
 
-
-def clear_processors(model) -> list[ClearFluxAttnProcessor]:
-    """The installed CLEAR processors in order (index i = the i-th FluxAttention)."""
+def clear_processors(model) -> list[ClearProcessorBase]:
+    """The installed CLEAR processors in order (index i = the i-th attention module)."""
     return [m.processor for m in attention_modules(_transformer(model))
-            if isinstance(m.processor, ClearFluxAttnProcessor)]
+            if isinstance(m.processor, ClearProcessorBase)]
 
 
 def is_linearized(model) -> bool:
@@ -152,6 +159,8 @@ def linearize(model, window: int = 16, down_factor: int = 1, backend: str = "aut
         from clear_cli.attention.wan import linearize_wan
         return linearize_wan(model, window, time_window, backend, ntk_factor=ntk_factor)
     transformer = _transformer(model)
+    if train_seq_len is None:
+        train_seq_len = adapter_for(transformer).facts.train_seq_len
     settings = _settings(window, down_factor, backend, proportional_attention, train_seq_len, ntk_factor,
                          log_scale_factor, reference_rule)
     for module in [transformer, *_controlnets(model)]:
@@ -160,21 +169,23 @@ def linearize(model, window: int = 16, down_factor: int = 1, backend: str = "aut
 
 
 def _install(transformer: nn.Module, settings: ClearSettings, keep_teacher: bool) -> None:
-    modules = attention_modules(transformer)
+    adapter = adapter_for(transformer)
+    modules = adapter.attention_modules(transformer)
     state: ClearState | None = getattr(transformer, STATE_ATTR, None)
     if state is None:
-        state = ClearState(settings=settings, originals=[m.processor for m in modules])
+        state = ClearState(settings=settings, originals=[m.processor for m in modules], adapter=adapter)
         transformer.register_forward_pre_hook(geometry_pre_hook, with_kwargs=True)
         setattr(transformer, STATE_ATTR, state)
     state.settings = settings
+    state.adapter = adapter
     for i, attn in enumerate(modules):
         proc = attn.processor
-        if not isinstance(proc, ClearFluxAttnProcessor) or proc._state is not state:
+        if not isinstance(proc, ClearProcessorBase) or proc._state is not state:
             if i >= len(state.originals):
                 state.originals.append(proc)
-            elif not isinstance(proc, ClearFluxAttnProcessor):
+            elif not isinstance(proc, ClearProcessorBase):
                 state.originals[i] = proc  # someone installed another processor since: that is the one to restore
-            proc = ClearFluxAttnProcessor(i, double=attn.added_kv_proj_dim is not None, state=state)
+            proc = adapter.make_processor(i, attn, state)
             attn.set_processor(proc)  # diffusers registers a Module processor as the submodule `processor`
         proc.configure(attn)
         if keep_teacher:
@@ -182,9 +193,9 @@ def _install(transformer: nn.Module, settings: ClearSettings, keep_teacher: bool
         else:
             proc.drop_teacher()
     if settings.ntk_factor is None:
-        rope.restore_rope(transformer)
+        adapter.restore_rope(transformer)
     else:
-        rope.scale_rope(transformer, settings.ntk_factor)
+        adapter.scale_rope(transformer, settings.ntk_factor)
 
 
 def _video_model(model, time_window, down_factor, proportional_attention, ntk_factor, keep_teacher) -> bool:
@@ -220,10 +231,10 @@ def _uninstall(transformer: nn.Module) -> None:
     if state is None:
         return
     for attn, original in zip(attention_modules(transformer), state.originals):
-        if isinstance(attn.processor, ClearFluxAttnProcessor):
+        if isinstance(attn.processor, ClearProcessorBase):
             attn.set_processor(original)
     _remove_hook(transformer)
-    rope.restore_rope(transformer)
+    adapter_for(transformer).restore_rope(transformer)
     delattr(transformer, STATE_ATTR)
 
 
@@ -285,12 +296,13 @@ def capture_attention(model, layers: Iterable[int] | None = None) -> Iterator[di
 
 
 def default_attention_layers(model) -> list[int]:
-    """The authors' attention-loss layers: processor index % 4 == 0 among single-stream blocks (DESIGN.md §4).
-
-    FLUX (19 double + 38 single): 20, 24, ..., 56 = single blocks 1, 5, ..., 37. Small models may get none.
+    """The attention-loss layers of the model's family (its adapter). FLUX, the authors' rule (DESIGN.md §4):
+    processor index % 4 == 0 among single-stream blocks, 20, 24, ..., 56 = single blocks 1, 5, ..., 37 of 19 double
+    + 38 single. Small models may get none.
     """
-    return [i for i, m in enumerate(attention_modules(_transformer(model)))
-            if i % 4 == 0 and m.added_kv_proj_dim is None]
+    transformer = _transformer(model)
+    adapter = adapter_for(transformer)
+    return adapter.attention_loss_layers(adapter.attention_modules(transformer))
 
 
 def trainable_attention_parameters(model, *, freeze_others: bool = False) -> dict[str, nn.Parameter]:
@@ -300,10 +312,10 @@ def trainable_attention_parameters(model, *, freeze_others: bool = False) -> dic
     plus every `processor.spatial_weight`. freeze_others: also set requires_grad so that only these train.
     """
     transformer = _transformer(model)
+    adapter = adapter_for(transformer)
     wanted: set[int] = set()
-    for attn in attention_modules(transformer):
-        projs = ("to_q", "to_k", "to_v") + (("to_out.0",) if attn.added_kv_proj_dim is not None else ())
-        for proj in projs:
+    for attn in adapter.attention_modules(transformer):
+        for proj in adapter.image_projections(attn):
             lin = attn.get_submodule(proj)
             lin = getattr(lin, "base_layer", lin)  # under a PEFT LoRA wrapper the weights sit in base_layer
             wanted.update(id(p) for p in lin.parameters(recurse=False))

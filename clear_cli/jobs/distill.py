@@ -119,7 +119,13 @@ def build_optimizer(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.o
 
 
 def transformer_call(model, x: torch.Tensor, batch, guidance: float | None) -> torch.Tensor:
-    """The velocity FLUX predicts for x, called exactly as FluxPipeline calls its transformer."""
+    """The velocity FLUX predicts for x, called exactly as FluxPipeline calls its transformer (Qwen-Image: as
+    QwenImagePipeline does, with the text mask and img_shapes)."""
+    if batch.text_mask is not None:
+        h, w = batch.grid
+        return model(hidden_states=x, timestep=batch.sigmas.to(x.dtype), encoder_hidden_states=batch.t5,
+                     encoder_hidden_states_mask=batch.text_mask, img_shapes=[[(1, h, w)]] * x.shape[0],
+                     return_dict=False)[0]
     g = None
     if guidance is not None:
         g = torch.full((x.shape[0],), float(guidance), device=x.device, dtype=torch.float32)
@@ -220,7 +226,9 @@ def _check_data(recipe: Recipe, problems: list[str]) -> dict:
     if not counts.get("complete"):
         problems.append(f"data: {root} is incomplete ({counts.get('samples', 0)} of {card.get('n')} samples; rerun "
                         "the same `clear synth` command to finish it)")
-    missing = [k for k in ("t5_embeds", "pooled_embeds", "latent_mean", "latent_std") if k not in card.get("tensors", {})]
+    text_keys = ("t5_embeds", "text_mask") if card.get("model", {}).get("family") == "qwen-image" else \
+        ("t5_embeds", "pooled_embeds")
+    missing = [k for k in (*text_keys, "latent_mean", "latent_std") if k not in card.get("tensors", {})]
     if missing:
         problems.append(f"data: {root} has no cached {', '.join(missing)} (draw it with --cache-embeddings "
                         "--cache-latents)")
@@ -408,6 +416,8 @@ class Distiller:
         r = self.recipe
         dtype = mixed_dtype(r.train.mixed_precision)
         pipe = self._pipe or load_pipeline(r.model, device=self.acc.device, dtype=dtype)
+        from clear_cli.models.pipeline import require_family
+        require_family(pipe, ("flux", "qwen-image"), "clear distill")
         tr = pipe.transformer
         if tr.device != self.acc.device:
             tr.to(self.acc.device)
@@ -452,7 +462,17 @@ class Distiller:
 
         r = self.recipe
         self.val_embeds = None
-        if r.validation.prompts and self.acc.is_main_process:
+        from clear_cli.attention.adapters import adapter_for
+
+        if adapter_for(self.pipe.transformer).family == "qwen-image" and r.validation.prompts \
+                and self.acc.is_main_process:
+            with torch.no_grad():
+                t5, mask = self.pipe.encode_prompt(list(r.validation.prompts), device=self.acc.device,
+                                                   max_sequence_length=text_len(self.pipe))
+            if mask is None:
+                mask = torch.ones(t5.shape[:2], dtype=torch.long, device=t5.device)
+            self.val_embeds = (t5, mask)
+        elif r.validation.prompts and self.acc.is_main_process:
             with torch.no_grad():
                 t5, pooled, _ = self.pipe.encode_prompt(prompt=list(r.validation.prompts), prompt_2=None,
                                                         device=self.acc.device,

@@ -529,6 +529,9 @@ class _Evaluation:
         if pipe is None:
             pipe = load_pipeline(cfg.model, device=str(device), dtype=cfg.dtype)
         from clear_cli.models.compile import compile_transformer
+        from clear_cli.models.pipeline import require_family
+
+        require_family(pipe, ("flux", "qwen-image"), "clear eval")
 
         compile_transformer(pipe, cfg.compile, warn=self.warn)  # stays on the pipeline (gen's cascade keeps it)
         self.pipe = pipe

@@ -285,10 +285,14 @@ def generate(config: GenConfig | str | Sequence[str] | None = None, *, log: Log 
     say(f"plan: {plan_txt} ({'cascade' if len(stages) > 1 else 'direct'}), window {window}, down_factor {down}, "
         f"model {cfg.model} on {pipe._execution_device} {str(pipe.transformer.dtype).replace('torch.', '')}")
     if par is None:
-        runner = StageRunner(pipe, window, down, cfg.backend, weights, train_seq_len)
+        from clear_cli.sampling.qwen_runner import runner_class
+
+        runner = runner_class(pipe)(pipe, window, down, cfg.backend, weights, train_seq_len)
     else:  # parallel (issue 11)
+        from clear_cli.models.pipeline import require_family
         from clear_cli.parallel.generation import make_runner
 
+        require_family(pipe, ("flux",), "clear gen --parallel")
         runner = make_runner(par, pipe, window, down, cfg.backend, weights, train_seq_len)
     base_info = _base_info(cfg, c, weights, window, down, stages)
     from clear_cli.models.compile import compiled, describe
@@ -331,6 +335,9 @@ def _check(cfg: GenConfig) -> _Checked:
     """Every input that can be checked without a model (options, prompts, sizes, outputs, device, backend)."""
     _validate(cfg)
     plist = read_prompts(list(cfg.prompts), cfg.prompts_file)
+    from clear_cli.models.pipeline import check_model_family
+
+    check_model_family(cfg.model)   # a family without a model adapter: one line, before any work
     defaults = model_defaults(cfg.model)
     base_res = defaults.base_res if cfg.base_res is None else parse_res(cfg.base_res, "--base-res")[0]
     from clear_cli.sampling.conditioned import target_size
@@ -442,6 +449,9 @@ def generate_conditioned(pipe, cond, images: dict, plans, cfg: GenConfig, target
     from clear_cli.models import text_len
     from clear_cli.sampling import conditioned
 
+    from clear_cli.models.pipeline import require_family
+
+    require_family(pipe, ("flux",), "clear gen --image/--mask/--control")
     name = conditioned.choose(cond, pipe.transformer)
     cn = None
     if cond.control:

@@ -49,7 +49,7 @@ class StageRunner:
     # -- model state ---------------------------------------------------------------------------------------
     def use(self, attention: str, ntk: float | None, proportional: bool) -> None:
         """Full attention with the original weights (+ optional NTK RoPE), or CLEAR with the student weights."""
-        from clear_cli.attention import rope
+        from clear_cli.attention.adapters import adapter_for
         from clear_cli.attention.linearize import linearize, unlinearize
         from clear_cli.models.weights import POOL_SUFFIX, load_tensors, materialize
 
@@ -57,6 +57,7 @@ class StageRunner:
         if self.mode == key:
             return
         tr = self.pipe.transformer
+        rope = adapter_for(tr)   # the family's RoPE rule (FLUX: attention/rope.py)
         if attention == "full":
             unlinearize(tr)
             if self.original is not None:
@@ -84,13 +85,13 @@ class StageRunner:
 
     def restore(self) -> None:
         """Leave the pipeline as it came: stock attention and RoPE, the base weights."""
-        from clear_cli.attention import rope
+        from clear_cli.attention.adapters import adapter_for
         from clear_cli.attention.linearize import unlinearize
         from clear_cli.models.weights import load_tensors
 
         tr = self.pipe.transformer
         unlinearize(tr)
-        rope.restore_rope(tr)
+        adapter_for(tr).restore_rope(tr)
         if self.original is not None:
             load_tensors(tr, self.original)
         if not self.vae_tiling and getattr(self.pipe.vae, "use_tiling", False):
