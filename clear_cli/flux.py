@@ -23,7 +23,8 @@ TRAIN_SEQ_LEN = (BASE_RES // PIXELS_PER_TOKEN) ** 2 + TEXT_LEN  # joint sequence
 TINY_MODELS = ("tiny", "tiny-random")  # the built-in tiny FLUX, trained and random (clear_cli/models/tiny.py)
 TINY_BASE_RES = 128  # the size the built-in tiny FLUX trains at (docs/tiny.md)
 RANDOM_MODELS = ("flux-dev-random",)  # FLUX.1-dev's architecture with seeded random weights (models/flux_dev.py)
-BUILTIN_MODELS = TINY_MODELS + RANDOM_MODELS
+QWEN_TINY_MODELS = ("qwen-image-tiny-random",)  # Qwen-Image's architecture at test size (models/qwen_image.py)
+BUILTIN_MODELS = TINY_MODELS + RANDOM_MODELS + QWEN_TINY_MODELS
 # The built-in tiny Wan (a video model: WanPipeline, not FLUX), trained and random (clear_cli/models/tiny_wan.py)
 TINY_VIDEO_MODELS = ("tiny-wan", "tiny-wan-random")
 
@@ -47,7 +48,7 @@ def is_tiny(model: object) -> bool:
 
 
 def model_defaults(model: object) -> ModelDefaults:
-    return TINY_DEFAULTS if is_tiny(model) else FLUX_DEFAULTS
+    return TINY_DEFAULTS if is_tiny(model) or str(model) in QWEN_TINY_MODELS else FLUX_DEFAULTS
 
 
 def default_text(name: str, flux: str | None = None, tiny: str | None = None) -> str:

@@ -161,10 +161,14 @@ def band_work(grid: tuple[int, int], text_len: int, window: int, down_factor: in
     return text_len * (text_len + h * w) + slots * (text_len + p) + img, img
 
 
+# over 80 lines: one CPU kernel whose steps share a dozen views of the same scratch buffers (bands, tiles, pads);
+# split, each step would take them all as arguments, and the hot loop would read across functions.
 def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, text_len: int, grid: tuple[int, int],
                    window: int, down_factor: int = 1, down_weight: torch.Tensor | None = None,
-                   scale: float | None = None, tile: tuple[int, int] | None = None) -> torch.Tensor:
-    """CLEAR attention (same contract as `clear_attention`), CPU, no autograd. Inputs are checked by the caller."""
+                   scale: float | None = None, tile: tuple[int, int] | None = None,
+                   text_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """CLEAR attention (same contract as `clear_attention`), CPU, no autograd. Inputs are checked by the caller.
+    `text_mask` [B, T] (valid text keys) masks the global-key call of each band and the text queries' call."""
     bsz, nh, n, d = q.shape
     bh, c = bsz * nh, bsz * nh * d
     t, f = text_len, down_factor
@@ -206,6 +210,14 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, text_le
     if glob:
         kg = torch.cat([x for x, _ in glob], dim=2).reshape(1, bh, -1, d)
         vg = torch.cat([y for _, y in glob], dim=2).reshape(1, bh, -1, d)
+        glob_mask = None
+        if text_mask is not None and t:
+            # additive [1, bh, 1, S]: a large finite negative, not -inf, so that an element whose global keys are
+            # all padding still gets a finite output (its log-sum-exp weight is then ~0 in the merge)
+            ok = torch.cat([text_mask, text_mask.new_ones(bsz, kg.shape[2] - t)], 1)
+            glob_mask = torch.zeros(bsz, 1, kg.shape[2], dtype=q.dtype, device=q.device)
+            glob_mask.masked_fill_(~ok[:, None], torch.finfo(q.dtype).min / 2)
+            glob_mask = glob_mask.expand(bsz, nh, -1).reshape(1, bh, 1, -1)
 
     # keys/values of one column band, token-major [hp + 2py rows, ww, bh*d], zero outside the grid (masked keys must
     # be finite: 0 * NaN would poison the sum). Rows above/below the grid are zeroed once and never written.
@@ -227,7 +239,7 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, text_le
         q_band.copy_(q_rows[:, :, :, :, tx * b:tx * b + b].view(bsz, nh, n_ty, a, b, d).permute(2, 3, 4, 0, 1, 5))
         if glob:   # this band's queries against the global keys (small outputs, reused from the heap)
             o_glob, lse_glob = _flash(q_band.view(1, n_ty * ab, bh, d).permute(0, 2, 1, 3), kg, vg, 0.0, False,
-                                      scale=sc)
+                                      attn_mask=glob_mask, scale=sc)
             o_glob = o_glob.reshape(bsz, nh, n_ty, a, b, d)
             lse_glob = lse_glob.reshape(bsz, nh, n_ty, a, b)
         for ty0, ty1 in plan.segments:
@@ -248,5 +260,9 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, text_le
     if ragged:
         out[t:].view(h, w, bsz, nh, d).copy_(out_img[:h, :w])
     if t:
-        out[:t].copy_(F.scaled_dot_product_attention(q[:, :, :t], k, v, scale=sc).permute(2, 0, 1, 3))
+        mask = None
+        if text_mask is not None:
+            from clear_cli.attention.padding import key_mask
+            mask = key_mask(text_mask, h * w)
+        out[:t].copy_(F.scaled_dot_product_attention(q[:, :, :t], k, v, attn_mask=mask, scale=sc).permute(2, 0, 1, 3))
     return out.permute(1, 2, 0, 3)

@@ -234,9 +234,10 @@ def row_major_block_work(grid: tuple[int, int], window: int, block: int = 128) -
 
 
 def make_mask_mod(grid: tuple[int, int], text_len: int, window: int, n_pooled: int, q_tile: tuple[int, int],
-                  kv_tile: tuple[int, int], text_queries: bool):
+                  kv_tile: tuple[int, int], text_queries: bool, text_mask: torch.Tensor | None = None):
     """The mask of partial blocks, from slot indices alone: which part a slot is in, and its tile, row and column,
-    follow from integer arithmetic on the layout (no captured tensors)."""
+    follow from integer arithmetic on the layout (no captured tensors, except the [B, T] `text_mask` of valid text
+    keys when the call has padding: a padded text key is seen by no query)."""
     h, w = grid
     t, r2, p = int(text_len), int(window) ** 2, int(n_pooled)
     (aq, bq), (ak, bk) = q_tile, kv_tile
@@ -256,6 +257,8 @@ def make_mask_mod(grid: tuple[int, int], text_len: int, window: int, n_pooled: i
         ky = (kt // k_cols) * ak + kin // bk
         kx = (kt % k_cols) * bk + kin % bk
         text_k = kv_idx < t
+        if text_mask is not None:
+            text_k = text_k & text_mask[b, kv_idx.clamp(0, max(t - 1, 0))]
         img_k = (ki >= 0) & (kv_idx < pool0) & (ky < h) & (kx < w)
         dy, dx = qy - ky, qx - kx
         # pad query slots (ragged edge tiles) see every key of their blocks: no empty row; outputs are dropped
@@ -299,7 +302,8 @@ def _lengths(grid, text_len, down_factor, q_tile, kv_tile, text_queries) -> tupl
 @lru_cache(maxsize=16)
 def flex_plan(grid: tuple[int, int], text_len: int, window: int, down_factor: int,
               q_tile: tuple[int, int], kv_tile: tuple[int, int], device: torch.device,
-              text_queries: bool = False) -> FlexPlan:
+              text_queries: bool = False, text_padded: bool = False) -> FlexPlan:
+    """`text_padded`: the text KV blocks are partial (masked per call by the text mask), never full."""
     from torch.nn.attention.flex_attention import BlockMask
 
     h, w = grid
@@ -329,7 +333,7 @@ def flex_plan(grid: tuple[int, int], text_len: int, window: int, down_factor: in
     n_q, n_kv = lq // qb, lk // kb
     off_img, off_pool = nt_text, nt_text + rel.n_kv_tiles
     state = torch.zeros(n_q, n_kv, dtype=torch.int8, device=device)
-    text_full = ar(nt_text) * kb + kb <= t              # text KV blocks without pad slots
+    text_full = (ar(nt_text) * kb + kb <= t) & (not text_padded)   # text KV blocks without pad slots
     pool_full = ar(nt_pool) * kb + kb <= p
     img = state[nq_text:]
     img[:, :nt_text] = torch.where(text_full, 2, 1).to(torch.int8)
@@ -416,18 +420,20 @@ def flex_attention_clear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, t
                          grid: tuple[int, int], window: int, down_factor: int = 1,
                          down_weight: torch.Tensor | None = None, scale: float | None = None,
                          q_tile: tuple[int, int] | None = None, kv_tile: tuple[int, int] | None = None,
-                         layout: str | FlexLayout | None = None) -> torch.Tensor:
-    """CLEAR attention (same contract as `clear_attention`) with FlexAttention. `layout`: a name in LAYOUTS (default:
-    `choose_layout` for this device and pass); `q_tile` / `kv_tile` give an ad-hoc layout (tests)."""
+                         layout: str | FlexLayout | None = None,
+                         text_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """CLEAR attention (same contract as `clear_attention`, `text_mask` included) with FlexAttention. `layout`: a
+    name in LAYOUTS (default: `choose_layout` for this device and pass); `q_tile` / `kv_tile` give an ad-hoc layout
+    (tests)."""
     backward = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, down_weight))
     chosen = layout is None and q_tile is None and kv_tile is None
     lay = _resolve(layout, window, q_tile, kv_tile, q.device, backward)
     if not chosen or compiling():
-        return _run(q, k, v, lay, text_len, grid, window, down_factor, down_weight, scale)
+        return _run(q, k, v, lay, text_len, grid, window, down_factor, down_weight, scale, text_mask)
     key = (lay.name, tuple(q.shape), q.dtype, backward, text_len, tuple(grid), window, down_factor)
     if lay.name != FALLBACK_LAYOUT and key not in _FAILED:
         try:
-            return _run(q, k, v, lay, text_len, grid, window, down_factor, down_weight, scale)
+            return _run(q, k, v, lay, text_len, grid, window, down_factor, down_weight, scale, text_mask)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as e:  # a layout that does not compile here falls back for this shape only, said once
@@ -438,15 +444,27 @@ def flex_attention_clear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, t
                               f"{str(e).splitlines()[0][:200] if str(e) else ''}); using {FALLBACK_LAYOUT} "
                               "for this shape", stacklevel=2)
     return _run(q, k, v, LAYOUTS[FALLBACK_LAYOUT] if key in _FAILED else lay, text_len, grid, window, down_factor,
-                down_weight, scale)
+                down_weight, scale, text_mask)
 
 
-def _run(q, k, v, lay: FlexLayout, text_len, grid, window, down_factor, down_weight, scale) -> torch.Tensor:
+def _run(q, k, v, lay: FlexLayout, text_len, grid, window, down_factor, down_weight, scale,
+         text_mask=None) -> torch.Tensor:
     t, f = int(text_len), int(down_factor)
     h, w = int(grid[0]), int(grid[1])
     sc = default_scale(q.shape[-1], scale)
     args = ((h, w), t, int(window), f, tuple(lay.q_tile), tuple(lay.kv_tile), q.device, bool(lay.text_queries))
-    plan = _traced_plan(*args) if compiling() else flex_plan(*args)
+    if text_mask is None:
+        plan = _traced_plan(*args) if compiling() else flex_plan(*args)
+    else:   # the cached plan with partial text blocks, and this call's mask in the mask_mod
+        from torch.nn.attention.flex_attention import BlockMask
+
+        base = flex_plan(*args, text_padded=True)
+        p = (h // f) * (w // f) if f > 1 else 0
+        qb, kb = lay.block_size
+        bm = BlockMask(seq_lengths=(base.lq, base.lk), **{n: getattr(base.block_mask, n) for n in _BLOCK_FIELDS},
+                       BLOCK_SIZE=(qb, kb), mask_mod=make_mask_mod((h, w), t, int(window), p, lay.q_tile,
+                                                                   lay.kv_tile, lay.text_queries, text_mask))
+        plan = FlexPlan(base.q_index, base.q_out, base.kv_index, bm, base.lq, base.lk)
     if f > 1:
         wt = pool_weight(down_weight, f, k)
         k_all = torch.cat([k, pool_tokens(k[:, :, t:], (h, w), f, wt)], 2)
@@ -466,5 +484,8 @@ def _run(q, k, v, lay: FlexLayout, text_len, grid, window, down_factor, down_wei
     out = torch.index_select(o, 2, plan.q_out)
     if lay.text_queries or t == 0:
         return out
+    if text_mask is not None:
+        from clear_cli.attention.padding import text_query_output
+        return torch.cat([text_query_output(q, k, v, t, text_mask, scale), out], 2)
     o_text = F.scaled_dot_product_attention(q[:, :, :t], k, v, scale=sc)
     return torch.cat([o_text, out], 2)

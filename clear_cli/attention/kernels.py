@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from clear_cli.attention.geometry import check_qkv, default_scale, pool_tokens, pool_weight
+from clear_cli.attention.padding import check_text_mask, compacted, key_mask, text_query_output
 
 BACKENDS = ("auto", "reference", "tiled", "flex", "triton")
 SHORTCUT = "sdpa"   # what `auto` reports for the exact whole-grid shortcut (not a backend one can ask for)
@@ -123,9 +124,15 @@ def _auto_chain(device: torch.device, dtype: torch.dtype, shape: tuple, grid: tu
 
 
 def choose_backend(device: torch.device | str, dtype: torch.dtype, shape: tuple, grid: tuple[int, int],
-                   text_len: int, window: int, down_factor: int = 1) -> tuple[str, str]:
+                   text_len: int, window: int, down_factor: int = 1, padded: bool = False) -> tuple[str, str]:
     """(what `auto` runs for this call, why): a backend name, or `SHORTCUT` for the exact dense-SDPA shortcut.
-    `shape` is q's [batch, heads, tokens, head_dim]."""
+    `shape` is q's [batch, heads, tokens, head_dim]; `padded`: the call has a text key-padding mask (the reason
+    then says how that backend honours it, `MASK_ROUTE`)."""
+    name, why = _choose(device, dtype, shape, grid, text_len, window, down_factor)
+    return name, (f"{why}; text padding: {MASK_ROUTE[name]}" if padded else why)
+
+
+def _choose(device, dtype, shape, grid, text_len, window, down_factor) -> tuple[str, str]:
     dev = torch.device(device)
     h, w = grid
     if covers_grid(grid, window):
@@ -153,17 +160,23 @@ def check_backend(backend: str, device: torch.device | str) -> None:
 
 def clear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, text_len: int, grid: tuple[int, int],
                     window: int, down_factor: int = 1, down_weight: torch.Tensor | None = None,
-                    scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+                    scale: float | None = None, backend: str = "auto",
+                    text_mask: torch.Tensor | None = None) -> torch.Tensor:
     """CLEAR attention over `[batch, heads, text_len + H*W, head_dim]` q/k/v (text first, image row-major).
 
     Text queries see every text and image key; image queries see every text key, the image keys strictly inside a
     circle of radius `window` tokens (cut at the border) and, with `down_factor` f > 1, all (H/f)(W/f) keys/values
     pooled from f x f patches with `down_weight` (f x f, default 1/f^2). Returns the same shape as q.
+    `text_mask`: [batch, text_len] bool of valid text keys (padding): a padded text key is seen by no query
+    (`padding`); every backend honours it, natively or through `padding.compacted` (`MASK_ROUTE`).
     """
     h, w = check_qkv(q, k, v, text_len, grid, window, down_factor, down_weight)
     grid = (h, w)
+    tm = check_text_mask(text_mask, q.shape[0], int(text_len), q.device)
     kw = dict(text_len=int(text_len), grid=grid, window=int(window), down_factor=int(down_factor),
               down_weight=down_weight, scale=scale)
+    if tm is not None:
+        kw["text_mask"] = tm
     if backend != "auto":
         check_backend(backend, q.device)
         return _RUN[backend](q, k, v, **kw)
@@ -193,18 +206,22 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _sdpa(q, k, v, *, text_len, grid, window, down_factor, down_weight, scale):
-    """The exact shortcut for a window that covers the grid (see the module docstring)."""
+def _sdpa(q, k, v, *, text_len, grid, window, down_factor, down_weight, scale, text_mask=None):
+    """The exact shortcut for a window that covers the grid (see the module docstring); padding as a key mask."""
     sc = default_scale(q.shape[-1], scale)
     t, f = text_len, down_factor
     if f == 1:
-        return F.scaled_dot_product_attention(q, k, v, scale=sc)
+        mask = None if text_mask is None else key_mask(text_mask, k.shape[2] - t)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=sc)
     wt = pool_weight(down_weight, f, k)
     k_all = torch.cat([k, pool_tokens(k[:, :, t:], grid, f, wt)], 2)
     v_all = torch.cat([v, pool_tokens(v[:, :, t:], grid, f, wt)], 2)
-    o_img = F.scaled_dot_product_attention(q[:, :, t:], k_all, v_all, scale=sc)
+    mask = None if text_mask is None else key_mask(text_mask, k_all.shape[2] - t)
+    o_img = F.scaled_dot_product_attention(q[:, :, t:], k_all, v_all, attn_mask=mask, scale=sc)
     if t == 0:
         return o_img
+    if text_mask is not None:
+        return torch.cat([text_query_output(q, k, v, t, text_mask, scale), o_img], 2)
     return torch.cat([F.scaled_dot_product_attention(q[:, :, :t], k, v, scale=sc), o_img], 2)
 
 
@@ -223,9 +240,27 @@ def _flex(q, k, v, **kw):
     return flex_attention_clear(q, k, v, **kw)
 
 
-def _triton(q, k, v, **kw):
+def _triton_kernel():
     from clear_cli.attention.triton_clear import clear_triton_attention
-    return clear_triton_attention(q, k, v, **kw)
+    return clear_triton_attention
+
+
+def _triton(q, k, v, **kw):
+    fn = _triton_kernel()
+    if kw.get("text_mask") is not None:   # the kernel takes no mask: valid text keys gathered per group
+        return compacted(fn, q, k, v, **kw)
+    return fn(q, k, v, **kw)
+
+
+# How each backend honours a text key-padding mask (`padding`); `choose_backend` reports it per call.
+MASK_ROUTE = {
+    "reference": "key mask in the dense mask",
+    SHORTCUT: "key mask in the dense SDPA",
+    "flex": "padded text keys masked in mask_mod (text blocks partial)",
+    "tiled": "inference on CPU: key mask in the bands' global-key call; otherwise valid text keys gathered per "
+             "group of equal masks",
+    "triton": "the kernel takes no mask: valid text keys gathered per group of equal masks, then the kernel",
+}
 
 
 _RUN = {"reference": _reference, "tiled": _tiled, "flex": _flex, "triton": _triton, SHORTCUT: _sdpa}

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from clear_cli.attention.geometry import default_scale, pool_tokens, pool_weight
+from clear_cli.attention.padding import key_mask
 
 MAX_REFERENCE_TOKENS = 20_000
 
@@ -31,7 +32,8 @@ def dense_mask(grid: tuple[int, int], text_len: int, window: int, down_factor: i
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, text_len: int, grid: tuple[int, int],
                         window: int, down_factor: int = 1, down_weight: torch.Tensor | None = None,
-                        scale: float | None = None) -> torch.Tensor:
+                        scale: float | None = None, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`text_mask` [B, T] bool of valid text keys: a padded text key is seen by no query (`padding`)."""
     n = q.shape[2]
     if n > MAX_REFERENCE_TOKENS:
         raise ValueError(f"the reference backend builds an N x N mask; {n} tokens is too many "
@@ -42,4 +44,6 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, te
         k = torch.cat([k, pool_tokens(k[:, :, text_len:], grid, f, wt)], dim=2)
         v = torch.cat([v, pool_tokens(v[:, :, text_len:], grid, f, wt)], dim=2)
     mask = dense_mask(grid, text_len, window, f, q.device)
+    if text_mask is not None:
+        mask = mask & key_mask(text_mask.to(q.device, torch.bool), mask.shape[1] - text_len)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=default_scale(q.shape[-1], scale))

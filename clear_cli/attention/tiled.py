@@ -167,16 +167,22 @@ def _plan_fields(plan: TilePlan) -> tuple:
 
 def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, text_len: int, grid: tuple[int, int],
                     window: int, down_factor: int = 1, down_weight: torch.Tensor | None = None,
-                    scale: float | None = None, tile: tuple[int, int] | None = None) -> torch.Tensor:
+                    scale: float | None = None, tile: tuple[int, int] | None = None,
+                    text_mask: torch.Tensor | None = None) -> torch.Tensor:
     """CLEAR attention by query tiles. On CPU without autograd (inference) and with no explicit `tile`, the
     forward-only band path (`cpu_bands`) runs instead: same result, 1.4-1.9x faster; training keeps this path, and
-    so does torch.compile (the band path reuses scratch buffers between calls)."""
+    so does torch.compile (the band path reuses scratch buffers between calls). `text_mask` [B, T] (valid text
+    keys): native in the band path; here through `padding.compacted` (the tile masks are shared by the batch)."""
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, down_weight))
     traced = compiling()
     if tile is None and q.device.type == "cpu" and not needs_grad and not traced:
         from clear_cli.attention.cpu_bands import band_attention
         return band_attention(q, k, v, text_len=text_len, grid=grid, window=window, down_factor=down_factor,
-                              down_weight=down_weight, scale=scale)
+                              down_weight=down_weight, scale=scale, text_mask=text_mask)
+    if text_mask is not None:
+        from clear_cli.attention.padding import compacted
+        return compacted(tiled_attention, q, k, v, text_len=text_len, text_mask=text_mask, scale=scale, grid=grid,
+                         window=window, down_factor=down_factor, down_weight=down_weight, tile=tile)
     bsz, nh, n, d = q.shape
     bh = bsz * nh
     t, f = text_len, down_factor

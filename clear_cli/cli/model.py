@@ -32,6 +32,19 @@ def info(
     pipe = load_pipeline(model, device=device, dtype=dtype)
     tr = pipe.transformer
     cfg = tr.config
+    from clear_cli.attention.adapters import adapter_for
+    from clear_cli.attention.linearize import trainable_attention_parameters
+
+    adapter = adapter_for(tr)
+    if adapter.family not in ("flux", "chroma"):   # FLUX's component layout below; others: what they share
+        n_attn = len(adapter.attention_modules(tr))
+        print(f"model            {model} (family {adapter.family}: {type(pipe).__name__})")
+        print(f"transformer      {n_attn} attention blocks, {cfg.num_attention_heads} heads x {cfg.attention_head_dim}, "
+              f"{sum(p.numel() for p in tr.parameters()) / 1e6:.2f}M parameters")
+        print(f"text length      up to {text_len(pipe)} tokens (prompts padded per batch, padding masked)")
+        trained = sum(p.numel() for p in trainable_attention_parameters(tr).values())
+        print(f"image branch     {trained / 1e6:.2f}M parameters distilled")
+        return
 
     def count(m) -> str:
         n = sum(p.numel() for p in m.parameters())

@@ -35,6 +35,7 @@ OWNED = (CARD, README, MANIFEST, PARTS, IMAGES, TENSORS)  # all that --overwrite
 # Tensor names inside a shard: f"{index:08d}/{name}".
 T5 = "t5_embeds"
 POOLED = "pooled_embeds"
+TEXT_MASK = "text_mask"   # [T] bool of real text tokens (Qwen-Image: its prompt embeddings are padded to T here)
 LATENT_MEAN = "latent_mean"
 LATENT_STD = "latent_std"
 

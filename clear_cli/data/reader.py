@@ -105,6 +105,11 @@ def model_latents(mean: torch.Tensor, std: torch.Tensor, card: dict, *, sample: 
         eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32, device="cpu").to(mean.device)
         z = z + std.float() * eps
     vae = card["model"]
+    if "latents_mean" in vae:   # Qwen-Image: per-channel statistics, (z - mean) / std
+        shape = (-1,) + (1,) * (z.dim() - 1)
+        m = torch.tensor(vae["latents_mean"], dtype=torch.float32, device=z.device).view(shape)
+        s = torch.tensor(vae["latents_std"], dtype=torch.float32, device=z.device).view(shape)
+        return (z - m) / s
     return (z - float(vae["vae_shift_factor"])) * float(vae["vae_scaling_factor"])
 
 

@@ -1,7 +1,7 @@
 """`clear distill`: train only the attention projections of a linearized FLUX to match the original (DESIGN.md §4).
 
     import clear_cli
-    result = clear_cli.distill("recipes/tiny.yaml", overrides=["train.steps=50"], out="out/d")
+    result = clear_cli.distill("recipes/tiny.yaml", sets=["train.steps=50"], out="out/d")
     # result.weights -> out/d/clear_attn.safetensors (load with `clear gen --weights ...`)
 
 One transformer serves as teacher and student: `linearize(..., keep_teacher=True)` keeps frozen copies of the
@@ -33,10 +33,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from clear_cli.config import apply_overrides, to_dict
+from clear_cli.config import apply_overrides, doc, merge_options, to_dict
 from clear_cli.errors import ClearError, UsageError
 from clear_cli.files import atomic_dir, atomic_write_text, owned_present, remove_owned, save_png, save_safetensors
 from clear_cli.flux import BASE_RES, PIXELS_PER_TOKEN
+from clear_cli.logs import Log, sayer
 from clear_cli.training.recipe import (
     Recipe, problem_text, recipe_data, recipe_hash, recipe_problems, resume_differences,
 )
@@ -53,8 +54,25 @@ LOSS_TERMS = ("fm", "pred", "attn")
 
 
 @dataclass
+class DistillConfig:
+    """One `clear distill` run: the recipe and how to run it; each field is the CLI option of the same name.
+    The recipe's own keys change through `sets` (`train.steps=100`), as in the YAML."""
+
+    recipe: str | None = doc(None, "recipe YAML, e.g. recipes/tiny.yaml or recipes/flux_dev.yaml (Python: also a "
+                                   "Recipe or a mapping)")
+    sets: list[str] = doc([], "override a recipe key, e.g. train.steps=100 (repeatable)")
+    out: str | None = doc(None, "output directory (default: the recipe's `out`, else out/distill)")
+    resume: str | None = doc(None, "auto (latest checkpoint in --out, else start) or a checkpoint directory "
+                                   "OUT/checkpoints/step_N")
+    overwrite: bool = doc(False, "delete a previous run in --out and start over")
+    device: str = doc("auto", "auto (accelerate's choice), cpu or cuda")
+    compile: str | None = doc(None, "torch.compile of the FLUX blocks: auto (CUDA, from 2K up), on or off (default: "
+                                    "the recipe's `compile`)")
+
+
+@dataclass
 class DistillResult:
-    """What a run did (on the main process; other ranks get the same losses)."""
+    """What a run did (every process gets one with the same losses; `is_main` on the one that reports)."""
 
     out: Path
     weights: Path | None
@@ -65,6 +83,7 @@ class DistillResult:
     trainable_params: int = 0
     teacher_copy_bytes: int = 0
     notes: list[str] = field(default_factory=list)
+    is_main: bool = True
 
 
 # --------------------------------------------------------------------------------------------- small helpers
@@ -100,7 +119,13 @@ def build_optimizer(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.o
 
 
 def transformer_call(model, x: torch.Tensor, batch, guidance: float | None) -> torch.Tensor:
-    """The velocity FLUX predicts for x, called exactly as FluxPipeline calls its transformer."""
+    """The velocity FLUX predicts for x, called exactly as FluxPipeline calls its transformer (Qwen-Image: as
+    QwenImagePipeline does, with the text mask and img_shapes)."""
+    if batch.text_mask is not None:
+        h, w = batch.grid
+        return model(hidden_states=x, timestep=batch.sigmas.to(x.dtype), encoder_hidden_states=batch.t5,
+                     encoder_hidden_states_mask=batch.text_mask, img_shapes=[[(1, h, w)]] * x.shape[0],
+                     return_dict=False)[0]
     g = None
     if guidance is not None:
         g = torch.full((x.shape[0],), float(guidance), device=x.device, dtype=torch.float32)
@@ -201,7 +226,9 @@ def _check_data(recipe: Recipe, problems: list[str]) -> dict:
     if not counts.get("complete"):
         problems.append(f"data: {root} is incomplete ({counts.get('samples', 0)} of {card.get('n')} samples; rerun "
                         "the same `clear synth` command to finish it)")
-    missing = [k for k in ("t5_embeds", "pooled_embeds", "latent_mean", "latent_std") if k not in card.get("tensors", {})]
+    text_keys = ("t5_embeds", "text_mask") if card.get("model", {}).get("family") == "qwen-image" else \
+        ("t5_embeds", "pooled_embeds")
+    missing = [k for k in (*text_keys, "latent_mean", "latent_std") if k not in card.get("tensors", {})]
     if missing:
         problems.append(f"data: {root} has no cached {', '.join(missing)} (draw it with --cache-embeddings "
                         "--cache-latents)")
@@ -355,7 +382,19 @@ def check_accumulation(acc, recipe: Recipe) -> None:
 
 
 class Distiller:
-    """One distillation run: model, data, optimizer, checkpoints and logs. `run()` trains to recipe.train.steps."""
+    """One distillation run; `distill()` calls the steps in this order (recipe keys in brackets, docs in
+    recipes/flux_dev.yaml):
+
+    load_model         the teacher, linearized with frozen teacher copies [model, window, down_factor, resolution],
+                       gradient checkpointing [train.gradient_checkpointing], the attention-loss layers [loss.attn_layers]
+    encode_validation  the validation prompts, encoded once [validation.prompts]
+    setup              optimizer and schedule [train.optimizer, lr, schedule, warmup_steps], data loader over the synth
+                       set [data, train.batch_size, gradient_accumulation], accelerate's prepare (DDP/DeepSpeed/FSDP)
+    prepare_out        --overwrite / --resume in --out; the resolved recipe.yaml
+    run                train_step per step (loss = fm + pred + attn terms [loss.*]), log.jsonl, trackers
+                       [report_to], checkpoints [checkpoint.every, keep], validation images [validation.every],
+                       then the weights file (save_weights)
+    """
 
     def __init__(self, p: _Plan, accelerator, *, progress: bool = True, pipe=None):
         self.p = p
@@ -377,6 +416,8 @@ class Distiller:
         r = self.recipe
         dtype = mixed_dtype(r.train.mixed_precision)
         pipe = self._pipe or load_pipeline(r.model, device=self.acc.device, dtype=dtype)
+        from clear_cli.models.pipeline import require_family
+        require_family(pipe, ("flux", "qwen-image"), "clear distill")
         tr = pipe.transformer
         if tr.device != self.acc.device:
             tr.to(self.acc.device)
@@ -421,7 +462,17 @@ class Distiller:
 
         r = self.recipe
         self.val_embeds = None
-        if r.validation.prompts and self.acc.is_main_process:
+        from clear_cli.attention.adapters import adapter_for
+
+        if adapter_for(self.pipe.transformer).family == "qwen-image" and r.validation.prompts \
+                and self.acc.is_main_process:
+            with torch.no_grad():
+                t5, mask = self.pipe.encode_prompt(list(r.validation.prompts), device=self.acc.device,
+                                                   max_sequence_length=text_len(self.pipe))
+            if mask is None:
+                mask = torch.ones(t5.shape[:2], dtype=torch.long, device=t5.device)
+            self.val_embeds = (t5, mask)
+        elif r.validation.prompts and self.acc.is_main_process:
             with torch.no_grad():
                 t5, pooled, _ = self.pipe.encode_prompt(prompt=list(r.validation.prompts), prompt_2=None,
                                                         device=self.acc.device,
@@ -668,7 +719,8 @@ class Distiller:
         self.acc.wait_for_everyone()
         return DistillResult(out=self.out, weights=weights, steps=final, start_step=start, log=log,
                              seconds=time.perf_counter() - t0, trainable_params=self.trainable_count,
-                             teacher_copy_bytes=self.teacher_bytes, notes=self.notes)
+                             teacher_copy_bytes=self.teacher_bytes, notes=self.notes,
+                             is_main=self.acc.is_main_process)
 
     def save_weights(self, steps: int) -> Path | None:
         """OUT/clear_attn.safetensors: trained tensors under the transformer's own keys + metadata (DESIGN.md §7)."""
@@ -699,17 +751,31 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def distill(recipe: str | Path | Recipe | dict | None = None, *, overrides: list[str] | None = None,
-            out: str | Path | None = None, resume: str | Path | None = None, overwrite: bool = False,
-            device: str = "auto", progress: bool = True, pipe=None) -> DistillResult:
+def distill(config: DistillConfig | str | Path | Recipe | dict | None = None, *, log: Log | None = None,
+            progress: bool = True, pipe=None, **options: Any) -> DistillResult:
     """Distil CLEAR attention into a FLUX model from a recipe (a YAML path, a Recipe or a mapping).
 
-    overrides: `key=value` strings (`train.steps=100`); out: output directory (else the recipe's `out`);
-    resume: None (fresh; refuses a used --out), "auto" (latest checkpoint in out, else fresh) or a checkpoint
-    directory; overwrite: delete a previous run in out first; device: auto|cpu (cpu forces CPU even with CUDA);
-    pipe: an already loaded pipeline of the recipe's model (tests). Under `accelerate launch`, every process
-    calls it. Bad input raises one UsageError naming every problem before anything is written.
+    `config` or keyword `options` (DistillConfig fields); a recipe in place of `config` is `recipe`
+    (`distill("recipes/tiny.yaml", sets=["train.steps=50"], out="out/d")`). sets: `key=value` recipe overrides
+    (`overrides=` before 0.2); out: output directory (else the recipe's `out`); resume: None (fresh; refuses a used
+    --out), "auto" (latest checkpoint in out, else fresh) or a checkpoint directory; overwrite: delete a previous
+    run in out first; device: auto|cpu|cuda (cpu forces CPU even with CUDA); compile: auto|on|off over the
+    recipe's; pipe: an already loaded pipeline of the recipe's model (tests); log: the notes, as lines. Under
+    `accelerate launch`, every process calls it. Bad input raises one UsageError naming every problem before
+    anything is written.
     """
+    if "overrides" in options:  # the keyword before 0.2
+        options["sets"] = options.pop("overrides")
+    if config is not None and not isinstance(config, DistillConfig):
+        options["recipe"] = config
+        config = None
+    cfg = merge_options(DistillConfig, config, options, job="distill")
+    sets = list(cfg.sets)
+    if cfg.compile is not None:
+        from clear_cli.models.compile import check_compile
+
+        sets.append(f"compile={check_compile(cfg.compile)}")
+    recipe, out, resume, overwrite, device = cfg.recipe, cfg.out, cfg.resume, cfg.overwrite, cfg.device
     from accelerate import PartialState
 
     if device not in ("auto", "cpu", "cuda"):
@@ -719,7 +785,7 @@ def distill(recipe: str | Path | Recipe | dict | None = None, *, overrides: list
         os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     # Without CUDA, processes started by torchrun / accelerate only form a (gloo) group when told to use the CPU.
     n_proc = PartialState(cpu=cpu).num_processes if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 1
-    p = plan(recipe, overrides=overrides, out=out, resume=resume, overwrite=overwrite, num_processes=n_proc)
+    p = plan(recipe, overrides=sets, out=out, resume=resume, overwrite=overwrite, num_processes=n_proc)
     acc = _make_accelerator(p.recipe, p.out, "cpu" if cpu else device)
     from clear_cli.models import fit
 
@@ -733,6 +799,10 @@ def distill(recipe: str | Path | Recipe | dict | None = None, *, overrides: list
     run.encode_validation()
     run.setup()
     run.prepare_out()
-    return run.run()
+    result = run.run()
+    say = sayer(log) if result.is_main else sayer(None)
+    for note in result.notes:
+        say(f"note: {note}")
+    return result
 
 

@@ -8,19 +8,17 @@ The on-disk format is described in docs/dataset.md.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from clear_cli.config import doc
+from clear_cli.config import doc, merge_options
 from clear_cli.data import layout, store
 from clear_cli.errors import ClearError, UsageError
 from clear_cli.files import atomic_write_text, foreign_entries, temp_path
 from clear_cli.flux import DEFAULT_MODEL
+from clear_cli.logs import Log, sayer
 
 IMAGE_FORMATS = ("png", "webp")
 _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -251,10 +249,24 @@ def _dtype_name(dtype) -> str:
     return _DTYPE_NAMES.get(str(dtype).removeprefix("torch."), str(dtype).removeprefix("torch."))
 
 
+def _family(pipe) -> str:
+    from clear_cli.attention.adapters import adapter_for
+
+    adapter = adapter_for(pipe.transformer)
+    return adapter.family if adapter is not None else ""
+
+
 def _model_facts(pipe, name: str) -> dict:
     from clear_cli.models import text_len
 
     vae = pipe.vae.config
+    if _family(pipe) == "qwen-image":   # one text encoder, no pooled embedding, per-channel latent statistics
+        return {"name": name, "family": "qwen-image", "text_len": text_len(pipe),
+                "t5_dim": int(pipe.transformer.config.joint_attention_dim), "pooled_dim": 0,
+                "latent_channels": int(vae.z_dim), "vae_scale_factor": int(pipe.vae_scale_factor),
+                "vae_scaling_factor": 1.0, "vae_shift_factor": 0.0,
+                "latents_mean": [float(x) for x in vae.latents_mean],
+                "latents_std": [float(x) for x in vae.latents_std]}
     return {"name": name, "text_len": text_len(pipe), "t5_dim": int(pipe.text_encoder_2.config.d_model),
             "pooled_dim": int(pipe.text_encoder.config.hidden_size), "latent_channels": int(vae.latent_channels),
             "vae_scale_factor": int(pipe.vae_scale_factor), "vae_scaling_factor": float(vae.scaling_factor),
@@ -263,7 +275,11 @@ def _model_facts(pipe, name: str) -> dict:
 
 def _tensor_spec(plan: _Plan, pipe, facts: dict) -> dict:
     spec = {}
-    if plan.config.cache_embeddings:
+    if plan.config.cache_embeddings and facts.get("family") == "qwen-image":
+        spec[layout.T5] = {"shape": [facts["text_len"], facts["t5_dim"]],
+                           "dtype": str(pipe.text_encoder.dtype).removeprefix("torch.")}
+        spec[layout.TEXT_MASK] = {"shape": [facts["text_len"]], "dtype": "bool"}
+    elif plan.config.cache_embeddings:
         spec[layout.T5] = {"shape": [facts["text_len"], facts["t5_dim"]],
                            "dtype": str(pipe.text_encoder_2.dtype).removeprefix("torch.")}
         spec[layout.POOLED] = {"shape": [facts["pooled_dim"]],
@@ -286,6 +302,8 @@ def _compute_chunk(pipe, plan: _Plan, chunk: int, device, text_len: int) -> list
     cfg = plan.config
     idx = layout.chunk_indices(chunk, plan.n, cfg.batch_size)
     prompts = [plan.prompt(i) for i in idx]
+    if _family(pipe) == "qwen-image":
+        return _compute_chunk_qwen(pipe, plan, idx, prompts, device, text_len)
     with torch.inference_mode():
         embeds = pooled = None
         if plan.mode == "draw" or cfg.cache_embeddings:
@@ -316,6 +334,54 @@ def _compute_chunk(pipe, plan: _Plan, chunk: int, device, text_len: int) -> list
         if cfg.cache_embeddings:
             tensors[layout.T5] = embeds[k].cpu().clone()
             tensors[layout.POOLED] = pooled[k].cpu().clone()
+        if cfg.cache_latents:
+            tensors[layout.LATENT_MEAN] = mean[k].cpu().clone()
+            tensors[layout.LATENT_STD] = std[k].cpu().clone()
+        samples.append(Sample(index=i, prompt=prompts[k], seed=seeds[k], width=plan.width, height=plan.height,
+                              image=images.encode_image(pixels[k], cfg.image_format), tensors=tensors,
+                              source=plan.sources[i].rel if plan.mode == "import" else None))
+    return samples
+
+
+def _compute_chunk_qwen(pipe, plan: _Plan, idx: list[int], prompts: list[str], device, text_len: int) -> list:
+    """`_compute_chunk` in QwenImagePipeline's conventions: prompt embeddings padded to `text_len` with their mask,
+    latents of the [B, C, 1, h, w] VAE without the frame axis."""
+    import torch
+
+    from clear_cli.data import images
+    from clear_cli.data.store import Sample
+
+    cfg = plan.config
+    with torch.inference_mode():
+        embeds, mask = pipe.encode_prompt(prompts, device=device, max_sequence_length=text_len)
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        if plan.mode == "draw":
+            seeds = [layout.sample_seed(cfg.seed, i) for i in idx]
+            gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            out = pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, width=plan.width, height=plan.height,
+                       num_inference_steps=cfg.steps, generator=gens, output_type="pt", true_cfg_scale=1.0,
+                       max_sequence_length=text_len).images
+            pixels = (out.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        else:
+            seeds = [None] * len(idx)
+            root = Path(cfg.from_images).expanduser()
+            pixels = torch.stack([images.load_image(root / plan.sources[i].rel, plan.width, plan.height)
+                                  for i in idx])
+        mean = std = None
+        if cfg.cache_latents:
+            x = pixels.to(device=device, dtype=pipe.vae.dtype) / 127.5 - 1.0
+            dist = pipe.vae.encode(x[:, :, None]).latent_dist
+            mean, std = dist.mean[:, :, 0], dist.std[:, :, 0]
+    pad = text_len - embeds.shape[1]
+    embeds = torch.nn.functional.pad(embeds, (0, 0, 0, pad))
+    mask = torch.nn.functional.pad(mask, (0, pad)).bool()
+    samples = []
+    for k, i in enumerate(idx):
+        tensors = {}
+        if cfg.cache_embeddings:
+            tensors[layout.T5] = embeds[k].cpu().clone()
+            tensors[layout.TEXT_MASK] = mask[k].cpu().clone()
         if cfg.cache_latents:
             tensors[layout.LATENT_MEAN] = mean[k].cpu().clone()
             tensors[layout.LATENT_STD] = std[k].cpu().clone()
@@ -434,6 +500,8 @@ def _load(cfg: SynthConfig, pipe, device):
         from clear_cli.models import load_pipeline
 
         pipe = load_pipeline(cfg.model, device=device, dtype=cfg.dtype)
+        from clear_cli.models.pipeline import require_family
+        require_family(pipe, ("flux", "qwen-image"), "clear synth")
     pipe.set_progress_bar_config(disable=True)  # our bar counts images; the pipeline's would count steps
     from clear_cli.models.compile import compile_transformer
 
@@ -441,36 +509,22 @@ def _load(cfg: SynthConfig, pipe, device):
     return pipe
 
 
-def _coerce(config: SynthConfig | None, overrides: dict) -> SynthConfig:
-    cfg = dataclasses.replace(config) if config is not None else SynthConfig()
-    names = [f.name for f in dataclasses.fields(SynthConfig)]
-    for k, v in overrides.items():
-        if k not in names:
-            close = difflib.get_close_matches(k, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UsageError(f"synth() got an unknown option {k!r}{hint}")
-        setattr(cfg, k, v)
-    for k in ("out", "prompts", "from_images", "res"):
-        v = getattr(cfg, k)
-        if isinstance(v, (os.PathLike, int)):
-            setattr(cfg, k, str(v))
-    return cfg
-
-
-def synth(config: SynthConfig | None = None, *, pipe=None, progress: bool = True,
+def synth(config: SynthConfig | None = None, *, log: Log | None = None, progress: bool = True, pipe=None,
           on_batch: Callable[[int], None] | None = None, **options) -> SynthResult:
     """Draw (or import) a synth dataset; rerun the same call to resume. Options are SynthConfig's fields.
 
     `clear_cli.synth(n=64, model="tiny", res=256, out="out/s")`. Under `accelerate launch` every process
-    calls it and gets its share of the batches. `pipe`: an already loaded pipeline (its model name is still
-    `model`); `on_batch(chunk)`: called after each committed batch of this process.
+    calls it and gets its share of the batches. `log`: one line per step of the run (None: quiet); `pipe`: an
+    already loaded pipeline (its model name is still `model`); `on_batch(chunk)`: called after each committed
+    batch of this process.
     """
     import torch
 
     from clear_cli.devices import resolve_dtype
 
-    cfg = _coerce(config, options)
+    cfg = merge_options(SynthConfig, config, options, job="synth")
     state = _state()
+    say = sayer(log) if state.is_main_process else sayer(None)
     device = _resolve_device(cfg, state) if pipe is None else pipe.transformer.device
     dtype = resolve_dtype(cfg.dtype, device) if pipe is None else pipe.transformer.dtype
     plan = _plan(cfg, _dtype_name(dtype))
@@ -496,6 +550,8 @@ def synth(config: SynthConfig | None = None, *, pipe=None, progress: bool = True
     todo = store.pending_chunks(plan.root, plan.n, cfg.batch_size)
     done_before = _done_samples(plan.root, plan.n, cfg.batch_size)
     state.wait_for_everyone()  # nobody writes until every process has listed the same pending batches
+    say(f"synth: {len(todo)} batch(es) of {cfg.batch_size} to draw into {plan.root} ({done_before} of {plan.n} "
+        f"samples already there, {state.num_processes} process(es))")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()

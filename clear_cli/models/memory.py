@@ -50,12 +50,13 @@ class MemoryFigure:
 
 def teacher_copy_elements(transformer: torch.nn.Module) -> int:
     """Elements the frozen copies take: every image-branch projection that trains (pooling weights excluded)."""
-    from clear_cli.attention.linearize import attention_modules
+    from clear_cli.attention.adapters import adapter_for
 
+    adapter = adapter_for(transformer)
     n = 0
-    for attn in attention_modules(transformer):
-        projs = ("to_q", "to_k", "to_v") + (("to_out.0",) if attn.added_kv_proj_dim is not None else ())
-        n += sum(p.numel() for proj in projs for p in attn.get_submodule(proj).parameters(recurse=False))
+    for attn in adapter.attention_modules(transformer):
+        n += sum(p.numel() for proj in adapter.image_projections(attn)
+                 for p in attn.get_submodule(proj).parameters(recurse=False))
     return n
 
 

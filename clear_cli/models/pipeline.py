@@ -9,7 +9,7 @@ import torch
 from diffusers import FluxPipeline as _StockFluxPipeline
 
 from clear_cli.errors import ClearError
-from clear_cli.flux import DEFAULT_MODEL, RANDOM_MODELS, TINY_MODELS, TINY_VIDEO_MODELS
+from clear_cli.flux import DEFAULT_MODEL, QWEN_TINY_MODELS, RANDOM_MODELS, TINY_MODELS, TINY_VIDEO_MODELS
 from clear_cli.models import tiny
 from clear_cli.models.text import text_len
 
@@ -66,6 +66,61 @@ def _hub_error(model: str, err: Exception) -> ClearError:
     )
 
 
+def _stock_class(path: Path):
+    """The diffusers pipeline class a local directory names, if a model adapter knows its transformer; otherwise
+    UsageError (exit 2) in one line listing the families."""
+    import json
+
+    import diffusers
+
+    from clear_cli.attention.adapters import ADAPTERS, families
+
+    index = json.loads((path / "model_index.json").read_text())
+    name = str(index.get("_class_name", ""))
+    tr = index.get("transformer") or [None, None]
+    tr_class = str(tr[1]) if isinstance(tr, list) and len(tr) > 1 else ""
+    known = [a for a in ADAPTERS if tr_class in a.transformer_classes or name in a.pipeline_classes]
+    if name == "FluxPipeline" or tr_class == "FluxTransformer2DModel":
+        return _StockFluxPipeline
+    if not known or not hasattr(diffusers, name):
+        from clear_cli.errors import UsageError
+        raise UsageError(f"{path} holds a {name or 'pipeline'} ({tr_class or 'no transformer'}), a family with no "
+                         f"CLEAR model adapter; families: {', '.join(families())}",
+                         "see docs/models.md to add one")
+    return getattr(diffusers, name)
+
+
+def check_model_family(model: str) -> None:
+    """Before any work: a local diffusers directory whose pipeline no model adapter knows is refused (UsageError,
+    one line listing the families). Built-in names and hub ids pass (a hub model is checked once loaded)."""
+    path = Path(str(model)).expanduser()
+    if path.is_dir() and (path / "model_index.json").is_file():
+        _stock_class(path)
+
+
+def require_family(pipe, families: tuple[str, ...], command: str) -> None:
+    """UsageError (one line) when `command` does not run on the pipeline's model family yet."""
+    from clear_cli.attention.adapters import adapter_for
+    from clear_cli.errors import UsageError
+
+    adapter = adapter_for(pipe.transformer)
+    family = adapter.family if adapter is not None else type(pipe.transformer).__name__
+    if family not in families:
+        raise UsageError(f"{command} does not run on {family} models yet (it is built on FLUX's T5 + CLIP "
+                         f"conventions); it runs on: {', '.join(families)}",
+                         "on this family use clear gen / clear export, or the Python API (docs/models.md)")
+
+
+def _check_family(pipe, name: str) -> None:
+    from clear_cli.attention.adapters import adapter_for, families
+    from clear_cli.errors import UsageError
+
+    tr = getattr(pipe, "transformer", None)
+    if not isinstance(tr, torch.nn.Module) or adapter_for(tr) is None:
+        raise UsageError(f"model {name!r} is a {type(pipe).__name__} ({type(tr).__name__}), a family with no CLEAR "
+                         f"model adapter; families: {', '.join(families())}", "see docs/models.md to add one")
+
+
 def load_pipeline(model: str = DEFAULT_MODEL, *, device: str | torch.device | None = None,
                   dtype: str | torch.dtype | None = None, seed: int = 0) -> FluxPipeline:
     """A diffusers FluxPipeline from a hub id, a local diffusers directory, `tiny`, `tiny-random` or
@@ -93,6 +148,9 @@ def load_pipeline(model: str = DEFAULT_MODEL, *, device: str | torch.device | No
         from clear_cli.models import tiny_wan
 
         pipe = tiny_wan.build_pipeline(random=name == "tiny-wan-random", seed=seed)
+    elif name in QWEN_TINY_MODELS:
+        from clear_cli.models import qwen_image
+        pipe = qwen_image.build(seed=seed)
     else:
         path = Path(name).expanduser()
         if path.exists():
@@ -100,6 +158,7 @@ def load_pipeline(model: str = DEFAULT_MODEL, *, device: str | torch.device | No
                 raise ClearError(f"{path} is not a diffusers pipeline directory (no model_index.json)",
                                  "pass the folder that `save_pretrained` wrote, a hub id, or --model tiny")
             source = str(path)
+            stock = _stock_class(path)
         elif name.startswith((".", "/", "~")):
             raise ClearError(f"local model directory {path} does not exist",
                              "check the path, pass a hub id (owner/name), or --model tiny")
@@ -108,12 +167,13 @@ def load_pipeline(model: str = DEFAULT_MODEL, *, device: str | torch.device | No
                              "e.g. --model black-forest-labs/FLUX.1-dev, --model ./my_flux or --model tiny")
         else:
             source = name
+            from diffusers import DiffusionPipeline as stock   # the repo's model_index names the class
         from diffusers.utils import logging as dlogging
 
         level = dlogging.get_verbosity()
         dlogging.set_verbosity_error()  # its "couldn't connect" warnings would bury our one-line error
         try:
-            pipe = _StockFluxPipeline.from_pretrained(source, dtype=dt)
+            pipe = stock.from_pretrained(source, dtype=dt)
         except ClearError:
             raise
         except (OSError, ValueError, EnvironmentError, ImportError) as e:
@@ -124,7 +184,14 @@ def load_pipeline(model: str = DEFAULT_MODEL, *, device: str | torch.device | No
             raise
         finally:
             dlogging.set_verbosity(level)
-        pipe = _adopt(pipe)
+        _check_family(pipe, name)
+        if isinstance(pipe, _StockFluxPipeline):
+            pipe = _adopt(pipe)
+        else:
+            from clear_cli.models import qwen_image
+
+            if qwen_image.is_tiny_tokenizer(pipe):   # a saved qwen-image-tiny-random: no chat template to drop
+                pipe = qwen_image.adopt(pipe)
     if dt != pipe.transformer.dtype:
         pipe = pipe.to(dtype=dt)
     return pipe.to(device=dev)

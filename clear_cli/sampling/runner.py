@@ -16,7 +16,13 @@ from clear_cli.sampling.plan import Stage
 
 
 class StageRunner:
-    """Holds the pipeline and switches it between the original model and the CLEAR model."""
+    """Holds the pipeline and switches it between the original model and the CLEAR model.
+
+    `generate` uses it per image: encode_prompt once, run_stages (per stage: use() the attention it needs, with
+    RoPE NTK [--ntk-factor] and proportional attention above the base; noise or encode_image + SDEdit noise
+    [--strength]; denoise [--steps, --refine-steps, --guidance, --refine-guidance]), then to_pil; restore() puts
+    the original processors back. flops() gives each stage's attention work for the log.
+    """
 
     def __init__(self, pipe, window: int, down_factor: int, backend: str, weights, train_seq_len: int):
         import torch
@@ -43,7 +49,7 @@ class StageRunner:
     # -- model state ---------------------------------------------------------------------------------------
     def use(self, attention: str, ntk: float | None, proportional: bool) -> None:
         """Full attention with the original weights (+ optional NTK RoPE), or CLEAR with the student weights."""
-        from clear_cli.attention import rope
+        from clear_cli.attention.adapters import adapter_for
         from clear_cli.attention.linearize import linearize, unlinearize
         from clear_cli.models.weights import POOL_SUFFIX, load_tensors, materialize
 
@@ -51,6 +57,7 @@ class StageRunner:
         if self.mode == key:
             return
         tr = self.pipe.transformer
+        rope = adapter_for(tr)   # the family's RoPE rule (FLUX: attention/rope.py)
         if attention == "full":
             unlinearize(tr)
             if self.original is not None:
@@ -78,13 +85,13 @@ class StageRunner:
 
     def restore(self) -> None:
         """Leave the pipeline as it came: stock attention and RoPE, the base weights."""
-        from clear_cli.attention import rope
+        from clear_cli.attention.adapters import adapter_for
         from clear_cli.attention.linearize import unlinearize
         from clear_cli.models.weights import load_tensors
 
         tr = self.pipe.transformer
         unlinearize(tr)
-        rope.restore_rope(tr)
+        adapter_for(tr).restore_rope(tr)
         if self.original is not None:
             load_tensors(tr, self.original)
         if not self.vae_tiling and getattr(self.pipe.vae, "use_tiling", False):

@@ -25,15 +25,20 @@ def generators(seed: int, indices: Sequence[int]) -> list:
 
 def draw(pipe, indices: Sequence[int], seed: int, *, prompts: Sequence[str] | None = None,
          embeds: tuple[Any, Any] | None = None, **call: Any) -> Any:
-    """One pipeline call for the prompts (or rows of `embeds` = (T5, pooled)) at `indices`, each with its own
+    """One pipeline call for the prompts (or rows of `embeds` = (T5, pooled), Qwen-Image: (embeddings, mask)) at
+    `indices`, each with its own
     generator seeded `seed + i`; returns the call's `.images`. `call`: the rest of the pipeline's arguments.
     """
     indices = list(indices)
     gens = generators(seed, indices)
     if embeds is not None:
         t5, pooled = embeds
-        call.update(prompt_embeds=t5[indices], pooled_prompt_embeds=pooled[indices],
-                    max_sequence_length=t5.shape[1])
+        if not pooled.is_floating_point():   # Qwen-Image: (prompt embeddings, their [B, T] padding mask)
+            call.update(prompt_embeds=t5[indices], prompt_embeds_mask=pooled[indices],
+                        max_sequence_length=t5.shape[1])
+        else:
+            call.update(prompt_embeds=t5[indices], pooled_prompt_embeds=pooled[indices],
+                        max_sequence_length=t5.shape[1])
     elif prompts is not None:
         batch = [prompts[i] for i in indices]
         call["prompt"] = batch[0] if len(batch) == 1 else batch

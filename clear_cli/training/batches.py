@@ -77,6 +77,8 @@ class Batch:
     img_ids: torch.Tensor  # [L, 3]
     txt_ids: torch.Tensor  # [T, 3]
     indices: list[int]  # dataset positions (for logs and tests)
+    text_mask: torch.Tensor | None = None  # [b, T] bool of real text tokens (Qwen-Image); None: FLUX, no mask
+    grid: tuple[int, int] = (0, 0)  # (H, W) token grid of the packed latents
 
     @property
     def size(self) -> int:
@@ -128,7 +130,7 @@ class BatchSource:
         mb = self.batch_size // (num_processes * accumulation)
         start = (micro * num_processes + process) * mb
         draws = self._global(step)
-        x0s, noises, t5s, pooleds, idx = [], [], [], [], []
+        x0s, noises, t5s, pooleds, masks, idx = [], [], [], [], [], []
         for j in range(start, start + mb):
             item = self.ds[draws["order"][j]]
             # Per-sample generators: noise and latent samples do not depend on how the batch is sliced.
@@ -138,14 +140,20 @@ class BatchSource:
             x0s.append(z)
             noises.append(torch.randn(z.shape, generator=g_noise, dtype=torch.float32))
             t5s.append(item["t5_embeds"])
-            pooleds.append(item["pooled_embeds"])
+            if "text_mask" in item:   # Qwen-Image data: no pooled embedding, a padding mask
+                masks.append(item["text_mask"])
+            else:
+                pooleds.append(item["pooled_embeds"])
             idx.append(draws["order"][j])
         x0, img_ids = pack_latents(torch.stack(x0s))
         noise, _ = pack_latents(torch.stack(noises))
         t5 = torch.stack(t5s)
+        pooled = torch.stack(pooleds).to(device, dtype) if pooleds else torch.zeros(len(idx), 0, device=device)
         return Batch(
             x0=x0.to(device), noise=noise.to(device),
             sigmas=draws["sigmas"][start:start + mb].to(device), t5=t5.to(device, dtype),
-            pooled=torch.stack(pooleds).to(device, dtype), img_ids=img_ids.to(device, dtype),
+            pooled=pooled, img_ids=img_ids.to(device, dtype),
             txt_ids=torch.zeros(t5.shape[1], 3, device=device, dtype=dtype), indices=idx,
+            text_mask=torch.stack(masks).to(device) if masks else None,
+            grid=(x0s[0].shape[-2] // 2, x0s[0].shape[-1] // 2),
         )

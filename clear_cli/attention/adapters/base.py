@@ -1,0 +1,89 @@
+"""The model adapter: what the rest of `clear` needs to know about one family of diffusion transformers.
+
+One small file per family (flux.py, qwen_image.py, chroma.py) subclasses `ModelAdapter`; `clear_cli.attention.
+adapters.adapter_for(transformer)` picks the one whose `matches` says yes. docs/models.md walks through adding one.
+Everything here is data or a small method on the transformer and its call; nothing imports above `attention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Numbers a family samples and trains with (help texts and defaults read them)."""
+
+    text_len: int          # default text length (tokens) the model runs at
+    base_res: int          # training (base) resolution in px
+    pixels_per_token: int  # px per token side (VAE factor x patch size)
+    train_text_len: int    # text tokens assumed in N_train for proportional attention
+    shift_rule: str        # how the scheduler's shift is set (see sampling/plan.py for the cascade's use)
+
+    @property
+    def train_seq_len(self) -> int:
+        """Joint length T + H*W at the base resolution (N_train of proportional attention)."""
+        side = self.base_res // self.pixels_per_token
+        return side * side + self.train_text_len
+
+
+class ModelAdapter:
+    """Base class of the per-family adapters. Subclasses set the class attributes and implement the methods."""
+
+    family: str = ""                       # the name users see (`--model` families, docs)
+    about: str = ""                        # one line: which diffusers classes it serves
+    transformer_classes: tuple[str, ...] = ()   # diffusers transformer class names (matched along the MRO)
+    pipeline_classes: tuple[str, ...] = ()      # diffusers pipelines of the family (docs, messages)
+    kwargs_argument: str = "joint_attention_kwargs"   # transformer.forward argument whose dict reaches processors
+    text_first: bool = True                # global (text) tokens precede the image tokens in the joint sequence
+    facts: ModelFacts
+
+    # -- which modules ---------------------------------------------------------------------------------------
+    def matches(self, transformer: nn.Module) -> bool:
+        names = {c.__name__ for c in type(transformer).__mro__}
+        return bool(names & set(self.transformer_classes))
+
+    def attention_modules(self, transformer: nn.Module) -> list[nn.Module]:
+        """The attention modules whose processors CLEAR replaces, in processor order."""
+        raise NotImplementedError
+
+    def is_double(self, attn: nn.Module) -> bool:
+        """True for a double-stream (joint text + image projections) attention."""
+        return getattr(attn, "added_kv_proj_dim", None) is not None
+
+    def image_projections(self, attn: nn.Module) -> tuple[str, ...]:
+        """Submodule names of the image-branch projections distillation trains (and the teacher keeps frozen)."""
+        return ("to_q", "to_k", "to_v", "to_out.0") if self.is_double(attn) else ("to_q", "to_k", "to_v")
+
+    def attention_loss_layers(self, modules: list[nn.Module]) -> list[int]:
+        """Processor indices whose outputs feed the attention loss by default."""
+        raise NotImplementedError
+
+    def make_processor(self, index: int, attn: nn.Module, state: Any) -> nn.Module:
+        """The CLEAR processor for one attention module (it reproduces the stock processor's math)."""
+        raise NotImplementedError
+
+    # -- one call --------------------------------------------------------------------------------------------
+    def read_call(self, arguments: dict) -> tuple[int, tuple[int, int], torch.Tensor | None, Any]:
+        """(text length, (H, W) target grid, [B, T] bool of valid text keys or None, the call's
+        `layout.TokenLayout` or None for text + that one grid) of one transformer call, from the transformer.forward
+        arguments bound by name. ValueError names what is missing or inconsistent."""
+        raise NotImplementedError
+
+    # -- high resolution -------------------------------------------------------------------------------------
+    def scale_rope(self, transformer: nn.Module, ntk_factor: float) -> None:
+        """Run RoPE with theta x `ntk_factor` on every axis (the authors' NTK rule)."""
+        raise NotImplementedError
+
+    def restore_rope(self, transformer: nn.Module) -> None:
+        raise NotImplementedError
+
+    def rope_ntk_factor(self, transformer: nn.Module) -> float | None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.family}>"
