@@ -176,6 +176,96 @@ def _check_cfg(cfg: TinyWanTrainConfig) -> None:
         raise UsageError(f"vae_crop must be a multiple of 8 and at most --size, got {cfg.vae_crop}")
 
 
+def _cache_stage(cfg: TinyWanTrainConfig, run: _Run, vae, dev: torch.device, cache_path: Path, progress: bool) -> None:
+    """Encode the fixed training clips once; store latents, token covers and per-channel latent statistics."""
+    seeds = np.random.default_rng([cfg.seed & 0xFFFFFFFF, 0x3A, 3]).integers(0, vs.TRAIN_SEEDS, size=cfg.cache_size)
+    n_t, n_s = (cfg.frames - 1) // 4 + 1, cfg.size // 8
+    lat = torch.empty(cfg.cache_size, 16, n_t, n_s, n_s)
+    cover = torch.empty(cfg.cache_size, n_t * n_s * n_s)
+    bar = _progress(cfg.cache_size, 0, "encode", progress)
+    with torch.no_grad():
+        for i in range(0, cfg.cache_size, 16):
+            video = to_video(vs.make_batch(seeds[i:i + 16], cfg.size, cfg.frames)[0])
+            lat[i:i + 16] = vae.encode(video.to(dev)).latent_dist.mean.cpu()
+            cover[i:i + 16] = token_cover(video)
+            bar.update(len(video))
+    bar.close()
+    mean = lat.mean(dim=(0, 2, 3, 4))
+    std = lat.std(dim=(0, 2, 3, 4))
+    save_safetensors(cache_path, {"latents": lat, "cover": cover, "seeds": torch.from_numpy(seeds.astype(np.int64))},
+                     metadata={"latents_mean": json.dumps(mean.tolist()), "latents_std": json.dumps(std.tolist())})
+    run.log(stage="cache", step=cfg.cache_size, latent_std_mean=float(std.mean()), seconds=round(run.clock(), 1))
+
+
+def _wan_stage(cfg, run, pipe, tr, latents, weights, captions, dev, resume, deadline, progress, on_step,
+               save_state) -> tuple[bool, int, dict[str, torch.Tensor]]:
+    """Flow matching of the transformer and UMT5 (the shared stage loop); returns (finished, step, EMA)."""
+    tr.train()
+    opt = torch.optim.AdamW(tr.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    ema = {k: v.detach().clone() for k, v in tr.state_dict().items()}
+
+    def wan_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        rng = _rng(cfg, 2, step)
+        idx = rng.integers(0, len(latents), size=cfg.batch)
+        drop = rng.random(cfg.batch) < cfg.drop_text
+        caps = ["" if d else captions[i] for i, d in zip(idx, drop)]
+        sel = torch.from_numpy(idx)
+        return wan_loss(pipe, latents[sel.to(dev)], caps, _torch_gen(cfg, 2, step), weights[sel].to(dev)), {}
+
+    ok, done = _run_stage("wan", run, tr, opt, cfg.steps, cfg.lr, cfg.warmup, wan_step, cfg, resume=resume,
+                          deadline=deadline, progress=progress, on_step=on_step, save_state=save_state, ema=ema,
+                          log_lr=True)
+    return ok, done, ema
+
+
+def _vae_stage(cfg, run, vae, dev, resume, deadline, progress, on_step, save_state) -> tuple[bool, int]:
+    """The VAE as an autoencoder on clip windows (the shared stage loop)."""
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+
+    def vae_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, mse = vae_loss(vae, _vae_batch(cfg, step).to(dev), cfg.kl_weight, cfg.vae_object_weight)
+        return loss, {"mse": mse}
+
+    return _run_stage("vae", run, vae, opt, cfg.vae_steps, cfg.vae_lr, 30, vae_step, cfg, resume=resume,
+                      deadline=deadline, progress=progress, on_step=on_step, save_state=save_state)
+
+
+def _save_result(comps: dict[str, Any], tr: torch.nn.Module, cfg: TinyWanTrainConfig, out: Path,
+                 seconds: float) -> Path:
+    """The finished run's one weight file (the EMA weights), with the recipe and the time in its metadata."""
+    tr.eval()
+    for name in tiny_wan.COMPONENT_PREFIXES:
+        comps[name].to("cpu")
+    result = out / RESULT_NAME
+    tiny_wan.save_trained(comps, result, metadata={
+        "config": json.dumps(to_dict(cfg)), "seconds": f"{seconds:.0f}", "torch": torch.__version__,
+        "command": "clear tiny video-train", "format": "clear-tiny-wan-1",
+    })
+    return result
+
+
+def _open_run(run: _Run, cfg: TinyWanTrainConfig, resume: str | None, overwrite: bool) -> dict[str, Any] | None:
+    """The previous state of the run folder to continue (None: start afresh); refuses what cannot continue."""
+    _check_cfg(cfg)
+    if resume not in (None, "auto"):
+        raise UsageError(f"--resume takes 'auto', got {resume!r}")
+    prev = run.state()
+    if prev is not None and resume is None:
+        if not overwrite:
+            raise ClearError(f"{run.out} already holds a training run",
+                             "pass --resume auto to continue it, --overwrite to start again, or another --out")
+        remove_owned(run.out, OWNED)
+        prev = None
+    if prev is not None:
+        saved, mine = prev.get("config", {}), json.loads(json.dumps(to_dict(cfg)))
+        diff = [k for k in mine if k != "threads" and saved.get(k) != mine[k]]
+        if diff:
+            raise ClearError(f"{run.out} was trained with other settings ({', '.join(diff)})",
+                             "resume with the same options, or start a new run with another --out")
+    return prev
+
+
 def train(out: str | Path, cfg: TinyWanTrainConfig | None = None, *, minutes: float | None = None,
           resume: str | None = None, overwrite: bool = False, progress: bool = True,
           device: str | torch.device = "cpu",
@@ -193,24 +283,9 @@ def train(out: str | Path, cfg: TinyWanTrainConfig | None = None, *, minutes: fl
 
     dev = resolve_device(str(device))
     cfg = cfg or TinyWanTrainConfig()
-    _check_cfg(cfg)
-    if resume not in (None, "auto"):
-        raise UsageError(f"--resume takes 'auto', got {resume!r}")
     out = Path(out)
     run = _Run(out)
-    prev = run.state()
-    if prev is not None and resume is None:
-        if not overwrite:
-            raise ClearError(f"{out} already holds a training run",
-                             "pass --resume auto to continue it, --overwrite to start again, or another --out")
-        remove_owned(out, OWNED)
-        prev = None
-    if prev is not None:
-        saved, mine = prev.get("config", {}), json.loads(json.dumps(to_dict(cfg)))
-        diff = [k for k in mine if k != "threads" and saved.get(k) != mine[k]]
-        if diff:
-            raise ClearError(f"{out} was trained with other settings ({', '.join(diff)})",
-                             "resume with the same options, or start a new run with another --out")
+    prev = _open_run(run, cfg, resume, overwrite)
     run.ckpt.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     t_start = time.monotonic()
@@ -233,15 +308,7 @@ def train(out: str | Path, cfg: TinyWanTrainConfig | None = None, *, minutes: fl
     # ---- stage 1: VAE
     vae_final = run.ckpt / "vae_final.safetensors"
     if stage == "vae":
-        vae.train()
-        opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-
-        def vae_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-            loss, mse = vae_loss(vae, _vae_batch(cfg, step).to(dev), cfg.kl_weight, cfg.vae_object_weight)
-            return loss, {"mse": mse}
-
-        ok, done = _run_stage("vae", run, vae, opt, cfg.vae_steps, cfg.vae_lr, 30, vae_step, cfg, resume=resume,
-                              deadline=deadline, progress=progress, on_step=on_step, save_state=save_state)
+        ok, done = _vae_stage(cfg, run, vae, dev, resume, deadline, progress, on_step, save_state)
         if not ok:
             return TrainResult(out, "vae", done, False, None, run.clock())
         save_safetensors(vae_final, {k: v.contiguous() for k, v in vae.state_dict().items()})
@@ -253,23 +320,7 @@ def train(out: str | Path, cfg: TinyWanTrainConfig | None = None, *, minutes: fl
     # ---- stage 2: latent cache, per-channel latent statistics, token weights
     cache_path = run.ckpt / "latents.safetensors"
     if stage == "cache":
-        seeds = np.random.default_rng([cfg.seed & 0xFFFFFFFF, 0x3A, 3]).integers(0, vs.TRAIN_SEEDS, size=cfg.cache_size)
-        n_t, n_s = (cfg.frames - 1) // 4 + 1, cfg.size // 8
-        lat = torch.empty(cfg.cache_size, 16, n_t, n_s, n_s)
-        cover = torch.empty(cfg.cache_size, n_t * n_s * n_s)
-        bar = _progress(cfg.cache_size, 0, "encode", progress)
-        with torch.no_grad():
-            for i in range(0, cfg.cache_size, 16):
-                video = to_video(vs.make_batch(seeds[i:i + 16], cfg.size, cfg.frames)[0])
-                lat[i:i + 16] = vae.encode(video.to(dev)).latent_dist.mean.cpu()
-                cover[i:i + 16] = token_cover(video)
-                bar.update(len(video))
-        bar.close()
-        mean = lat.mean(dim=(0, 2, 3, 4))
-        std = lat.std(dim=(0, 2, 3, 4))
-        save_safetensors(cache_path, {"latents": lat, "cover": cover, "seeds": torch.from_numpy(seeds.astype(np.int64))},
-                         metadata={"latents_mean": json.dumps(mean.tolist()), "latents_std": json.dumps(std.tolist())})
-        run.log(stage="cache", step=cfg.cache_size, latent_std_mean=float(std.mean()), seconds=round(run.clock(), 1))
+        _cache_stage(cfg, run, vae, dev, cache_path, progress)
         stage = "wan"
         save_state(stage, 0)
     with safe_open(str(cache_path), "pt") as f:
@@ -286,33 +337,13 @@ def train(out: str | Path, cfg: TinyWanTrainConfig | None = None, *, minutes: fl
     # ---- stage 3: the transformer and the text encoder
     pipe = tiny_wan.pipeline_class()(**comps)
     tr = trained_modules(pipe)
-    tr.train()
-    opt = torch.optim.AdamW(tr.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    ema = {k: v.detach().clone() for k, v in tr.state_dict().items()}
-
-    def wan_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        rng = _rng(cfg, 2, step)
-        idx = rng.integers(0, len(latents), size=cfg.batch)
-        drop = rng.random(cfg.batch) < cfg.drop_text
-        caps = ["" if d else captions[i] for i, d in zip(idx, drop)]
-        sel = torch.from_numpy(idx)
-        return wan_loss(pipe, latents[sel.to(dev)], caps, _torch_gen(cfg, 2, step), weights[sel].to(dev)), {}
-
-    ok, done = _run_stage("wan", run, tr, opt, cfg.steps, cfg.lr, cfg.warmup, wan_step, cfg, resume=resume,
-                          deadline=deadline, progress=progress, on_step=on_step, save_state=save_state, ema=ema,
-                          log_lr=True)
+    ok, done, ema = _wan_stage(cfg, run, pipe, tr, latents, weights, captions, dev, resume, deadline, progress,
+                               on_step, save_state)
     if not ok:
         return TrainResult(out, "wan", done, False, None, run.clock())
     tr.load_state_dict(ema)
-    tr.eval()
-    for name in tiny_wan.COMPONENT_PREFIXES:
-        comps[name].to("cpu")
     seconds = run.clock()
-    result = out / RESULT_NAME
-    tiny_wan.save_trained(comps, result, metadata={
-        "config": json.dumps(to_dict(cfg)), "seconds": f"{seconds:.0f}", "torch": torch.__version__,
-        "command": "clear tiny video-train", "format": "clear-tiny-wan-1",
-    })
+    result = _save_result(comps, tr, cfg, out, seconds)
     save_state("done", cfg.steps)
     return TrainResult(out, "done", cfg.steps, True, result, seconds)
 
