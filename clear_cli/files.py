@@ -303,7 +303,7 @@ def _os_error_of(e: OSError, option: str):
 # ------------------------------------------------------------------------------------------- one run per --out
 
 LOCK_NAME = ".clear.lock"
-_HELD: dict[str, list] = {}  # lock path -> [fd, depth]: a process may nest jobs in one folder
+_HELD: dict[str, list] = {}  # lock path -> [fd, depth, folders made]: a process may nest jobs in one folder
 
 
 class OutLock:
@@ -325,12 +325,14 @@ class OutLock:
         if key in _HELD:
             _HELD[key][1] += 1
             return self
+        check_out_dir(self.folder)
+        made = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = self._take()
         except OSError as e:
             raise _named(e, self.path) from e
-        _HELD[key] = [fd, 1]
+        _HELD[key] = [fd, 1, made]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -345,6 +347,9 @@ class OutLock:
         with contextlib.suppress(OSError):
             self.path.unlink()
         os.close(held[0])
+        for p in held[2]:  # folders this lock made and the run left empty (it failed before writing): gone
+            with contextlib.suppress(OSError):
+                p.rmdir()
 
     def _take(self) -> int:
         for _ in range(10):

@@ -20,6 +20,7 @@ function of (seed, step) only, so resuming or changing the process count gives t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,7 +36,8 @@ import torch.nn.functional as F
 
 from clear_cli.config import apply_overrides, to_dict
 from clear_cli.errors import ClearError, UsageError
-from clear_cli.files import atomic_dir, atomic_write_text, owned_present, remove_owned, save_png, save_safetensors
+from clear_cli.files import (OutLock, atomic_dir, atomic_write_text, owned_present, remove_owned, save_png,
+                             save_safetensors)
 from clear_cli.flux import BASE_RES, PIXELS_PER_TOKEN
 from clear_cli.training.recipe import (
     Recipe, problem_text, recipe_data, recipe_hash, recipe_problems, resume_differences,
@@ -201,6 +203,17 @@ def _check_data(recipe: Recipe, problems: list[str]) -> dict:
     if not counts.get("complete"):
         problems.append(f"data: {root} is incomplete ({counts.get('samples', 0)} of {card.get('n')} samples; rerun "
                         "the same `clear synth` command to finish it)")
+    else:  # sizes, paths and (up to a few GiB) the shards' sha256: a damaged set is refused, not trained on
+        from clear_cli.data.store import integrity_problems
+
+        try:
+            damage = integrity_problems(root)
+        except ClearError as e:
+            damage = [e.message]
+        if damage:
+            more = f" (+{len(damage) - 1} more)" if len(damage) > 1 else ""
+            problems.append(f"data: {root} is damaged: {damage[0]}{more} (run `clear synth --verify {root} "
+                            "--repair` to redraw what is broken)")
     missing = [k for k in ("t5_embeds", "pooled_embeds", "latent_mean", "latent_std") if k not in card.get("tensors", {})]
     if missing:
         problems.append(f"data: {root} has no cached {', '.join(missing)} (draw it with --cache-embeddings "
@@ -245,6 +258,8 @@ def _check_out(recipe: Recipe, out: Path, resume: str | None, overwrite: bool,
             notes.append(f"no checkpoint in {out / CHECKPOINTS}: starting from step 0")
     if ckpt is None:
         taken = out.is_dir() and bool(owned_present(out, OWNED))
+        if taken and resume == "auto" and not (out / WEIGHTS_FILE).exists():
+            taken = False  # stopped before its first checkpoint: nothing to continue, start over (log trimmed)
         if taken and not overwrite:
             problems.append(f"--out {out} already holds a distillation run (pass --resume auto to continue it, "
                             "--overwrite to start over, or another --out)")
@@ -720,6 +735,25 @@ def distill(recipe: str | Path | Recipe | dict | None = None, *, overrides: list
     # Without CUDA, processes started by torchrun / accelerate only form a (gloo) group when told to use the CPU.
     n_proc = PartialState(cpu=cpu).num_processes if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 1
     p = plan(recipe, overrides=overrides, out=out, resume=resume, overwrite=overwrite, num_processes=n_proc)
+    _check_device(p.recipe, device, cpu)
+    main = n_proc == 1 or PartialState(cpu=cpu).is_main_process
+    with OutLock(p.out, "distill") if main else contextlib.nullcontext():
+        return _distill(p, device, cpu, progress, pipe)
+
+
+def _check_device(recipe: Recipe, device: str, cpu: bool) -> None:
+    """What the device cannot run, refused before the model loads (not found at the first step)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible", "use --device auto or cpu")
+    if cpu and recipe.train.mixed_precision == "fp16":
+        raise UsageError("train.mixed_precision: fp16 does not run on the CPU",
+                         "use --set train.mixed_precision=no (or bf16) for CPU training")
+    if cpu and recipe.backend == "flex":
+        raise UsageError("backend: flex has no backward pass on the CPU (FlexAttention trains on CUDA only)",
+                         "use --set backend=auto (the tiled kernel on CPU)")
+
+
+def _distill(p: _Plan, device: str, cpu: bool, progress: bool, pipe) -> DistillResult:
     acc = _make_accelerator(p.recipe, p.out, "cpu" if cpu else device)
     from clear_cli.models import fit
 

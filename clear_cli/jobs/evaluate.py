@@ -34,6 +34,7 @@ Result (returned, and written to `out/eval.json`; keys are stable, values null w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -45,9 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clear_cli.config import doc
+from clear_cli.config import check_finite, doc
 from clear_cli.errors import UsageError
-from clear_cli.files import atomic_write_text, save_png
+from clear_cli.files import OutLock, atomic_write_text, save_png
 from clear_cli.flux import DEFAULT_MODEL, default_text, is_tiny, model_defaults
 from clear_cli.logs import Log, sayer, warner
 
@@ -415,6 +416,14 @@ def evaluate(students: str | Sequence[str | os.PathLike], config: EvalConfig | N
         cfg = dataclasses.replace(config or EvalConfig(), **options)
     except TypeError as e:
         raise UsageError(f"evaluate(): {e}") from None
+    check_finite(cfg)
+    from accelerate import PartialState
+
+    with OutLock(Path(cfg.out).expanduser(), "eval") if PartialState().is_main_process else contextlib.nullcontext():
+        return _evaluate(students, cfg, pipe=pipe, log=log, progress=progress)
+
+
+def _evaluate(students, cfg: EvalConfig, *, pipe, log: Log | None, progress: bool) -> dict | None:
     say = sayer(log)
 
     warn = warner(log)

@@ -22,6 +22,7 @@ The tiny model (`model="tiny"`/`"tiny-random"`) runs the same code with sizes sc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -31,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clear_cli.config import doc
+from clear_cli.config import check_finite, doc
 from clear_cli.errors import UsageError
-from clear_cli.files import save_png
+from clear_cli.files import OutLock, check_out_dir, save_png
 from clear_cli.flux import DEFAULT_MODEL, PIXELS_PER_TOKEN, default_text, model_defaults
 from clear_cli.logs import Log, sayer, warner
 from clear_cli.resolution import parse_res
@@ -183,6 +184,7 @@ def side_by_side(left, right):
 # ------------------------------------------------------------------------------------------- running
 
 def _validate(cfg: GenConfig) -> None:
+    check_finite(cfg)
     checks = [
         (cfg.window is not None and cfg.window < 1, f"--window {cfg.window} must be at least 1 (radius in tokens)",
          "e.g. --window 16"),
@@ -245,6 +247,7 @@ def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, p
     refine_steps = cfg.refine_steps or defaults.refine_steps
     plans = plan_outputs(plist, cfg)
     check_outputs(plans, compare=cfg.compare, overwrite=cfg.overwrite)
+    check_out_dir(plans[0][2].parent)  # a file in the way, a read-only disk: before the model loads
     from clear_cli.devices import resolve_device, resolve_dtype
 
     dev = resolve_device(cfg.device)  # bad --device/--dtype/--offload fail here, before any work
@@ -317,7 +320,8 @@ def generate(prompts: str | Sequence[str], config: GenConfig | None = None, *, p
     try:
         # patch parallelism exchanges halos inside attention: compiled only on request
         mode = "off" if cfg.parallel == "patch" and cfg.compile == "auto" else cfg.compile
-        with compiled(pipe, mode, warn=warn) as compile_state:
+        with compiled(pipe, mode, warn=warn) as compile_state, \
+                (OutLock(plans[0][2].parent, "gen") if par is None or par.is_main else contextlib.nullcontext()):
             if compile_state is not None:
                 say(describe(compile_state))
             if par is None:

@@ -8,6 +8,7 @@ The on-disk format is described in docs/dataset.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -16,13 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from clear_cli.config import doc
+from clear_cli.config import doc, non_finite
 from clear_cli.data import layout, store
 from clear_cli.errors import ClearError, UsageError
-from clear_cli.files import atomic_write_text, foreign_entries, temp_path
+from clear_cli.files import OutLock, atomic_write_text, foreign_entries, temp_path
 from clear_cli.flux import DEFAULT_MODEL
 
 IMAGE_FORMATS = ("png", "webp")
+MAX_N = 10**8  # indices, seeds and batch lists are built for every sample; beyond this they outgrow memory
 _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
@@ -53,6 +55,9 @@ class SynthConfig:
         problems = []
         if self.n is not None and self.n < 1:
             problems.append(f"--n {self.n}: must be at least 1 (e.g. --n 10000)")
+        if self.n is not None and self.n > MAX_N:
+            problems.append(f"--n {self.n}: more than {MAX_N:,} samples is no dataset this tool can index "
+                            "(draw it in several --out folders)")
         if self.steps < 1:
             problems.append(f"--steps {self.steps}: must be at least 1")
         if self.batch_size < 1:
@@ -172,7 +177,7 @@ class _Plan:
 def _plan(cfg: SynthConfig, dtype_name: str) -> _Plan:
     from clear_cli.data import images, prompts
 
-    problems = cfg.validate()
+    problems = cfg.validate() + non_finite(cfg)
     if problems:
         raise UsageError("; ".join(problems))
     width, height = layout.parse_res(cfg.res)
@@ -465,12 +470,17 @@ def synth(config: SynthConfig | None = None, *, pipe=None, progress: bool = True
     calls it and gets its share of the batches. `pipe`: an already loaded pipeline (its model name is still
     `model`); `on_batch(chunk)`: called after each committed batch of this process.
     """
+    cfg = _coerce(config, options)
+    state = _state()
+    with OutLock(cfg.out, "synth") if state.is_main_process and cfg.out else contextlib.nullcontext():
+        return _synth(cfg, state, pipe, progress, on_batch)
+
+
+def _synth(cfg: SynthConfig, state, pipe, progress: bool, on_batch) -> SynthResult:
     import torch
 
     from clear_cli.devices import resolve_dtype
 
-    cfg = _coerce(config, options)
-    state = _state()
     device = _resolve_device(cfg, state) if pipe is None else pipe.transformer.device
     dtype = resolve_dtype(cfg.dtype, device) if pipe is None else pipe.transformer.dtype
     plan = _plan(cfg, _dtype_name(dtype))
@@ -535,6 +545,13 @@ def verify(out: str | Path, *, repair: bool = False, device: str = "auto", pipe=
     report = _report(root, n, found, state.is_main_process)
     if not repair or report.clean:
         return report
+    bad_chunks = found[2]
+    with OutLock(root, "synth --verify --repair") if state.is_main_process else contextlib.nullcontext():
+        return _repair(root, card, found, report, device, pipe, progress, on_batch, state)
+
+
+def _repair(root: Path, card: dict, found, report, device: str, pipe, progress: bool, on_batch, state):
+    n, batch = int(card["n"]), int(card["batch_size"])
     bad_chunks = found[2]
     cfg = _config_from_card(card, root, device)
     dtype_name = card["config"]["dtype"]
