@@ -63,6 +63,19 @@ def check_cmd(
 
     from clear_cli.tiny.checks import run_checks
 
+    if out is not None:  # before minutes of checks; never replace a file that is not a figures file
+        from clear_cli.errors import UsageError
+        from clear_cli.files import check_out_file
+
+        check_out_file(out, ".json", what="figures file")
+        if out.exists():
+            try:
+                ours = isinstance(json.loads(out.read_text(encoding="utf-8")), dict)
+            except (OSError, ValueError):
+                ours = False
+            if not ours:
+                raise UsageError(f"--out {out} exists and is not a figures file of `clear tiny check`",
+                                 "pick another --out; only an earlier figures file is replaced")
     res = run_checks(model, n=n, steps=steps, locality=locality, clear=clear, device=device, start=start,
                      log=lambda line: print(line, flush=True))
     if out is not None:

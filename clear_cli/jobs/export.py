@@ -33,6 +33,7 @@ import torch
 from clear_cli.comfy.keys import DOUBLE_PROJ, SINGLE_PROJ
 from clear_cli.config import doc
 from clear_cli.errors import ClearError, UsageError
+from clear_cli.files import check_out_file, same_file
 from clear_cli.flux import DEFAULT_MODEL
 
 __all__ = ["export", "ExportConfig", "ExportResult", "LayerReport", "FORMATS", "DEFAULT_OUT", "choose_rank", "low_rank"]
@@ -151,6 +152,7 @@ def check_options(cfg: ExportConfig) -> ExportConfig:
     out = Path(cfg.out if cfg.out is not None else DEFAULT_OUT[cfg.format]).expanduser()
     if out.exists() and out.is_dir():
         raise UsageError(f"--out {out} is a directory", f"name a file, e.g. {out / DEFAULT_OUT[cfg.format]}")
+    check_out_file(out, ".safetensors", what="weights file")
     if out.exists() and not cfg.overwrite:
         raise UsageError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
     rank = cfg.rank if cfg.rank is not None or cfg.energy is not None or cfg.format == "full" else DEFAULT_RANK
@@ -348,6 +350,8 @@ def export(weights: str | os.PathLike, format: str = "lora", *, rank: int | None
     cfg = check_options(ExportConfig(format=format, rank=rank, energy=energy, model=model, base=base,
                                      out=None if out is None else str(out), overwrite=overwrite, window=window,
                                      down_factor=down_factor, device=device))
+    if same_file(cfg.out, weights):
+        raise UsageError(f"--out {cfg.out} is the input weights file", "name another --out; the input is never replaced")
     dev = resolve_device(cfg.device)
     w = load_attention_weights(weights)
     win, f = resolve_geometry(w, cfg.window, cfg.down_factor)

@@ -102,6 +102,10 @@ def read_safetensors(path: Path) -> tuple[dict, dict[str, str]]:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise UsageError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from e
+    from clear_cli.models.weights import check_finite_tensors
+
+    check_finite_tensors(tensors, path)
+    return tensors, meta

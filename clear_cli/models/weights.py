@@ -171,7 +171,26 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         first = f"{type(e).__name__}: {e}".splitlines()[0][:160]
         raise UsageError(f"cannot read weights {path}: not a readable safetensors file ({first})",
                          "pass a .safetensors attention-weight file, LoRA or published CLEAR checkpoint") from e
+    check_finite_tensors(tensors, path)
     return tensors, meta
+
+
+def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The first tensor (in key order) holding NaN or inf, or None."""
+    for k in sorted(tensors):
+        t = tensors[k]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return k
+    return None
+
+
+def check_finite_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Every weight file read is checked: NaN or inf in a weight only ever gives black images or a failed SVD
+    later, so it is refused at once, naming the tensor."""
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise ClearError(f"weights {path}: tensor {bad} holds NaN or inf",
+                         "the file is damaged or came from a diverged run: use an earlier checkpoint or re-export")
 
 
 def _meta_int(meta: Mapping[str, str], key: str, path: Path) -> int | None:
@@ -423,6 +442,10 @@ def materialize(transformer: torch.nn.Module, weights: AttnWeights) -> dict[str,
                              "before loading them (clear gen does this from the file)")
         raise ClearError(f"weights {weights.path.name} do not fit this model: {len(missing)} key(s) it does not have "
                          f"({_few(missing)})", "were they made for another model?")
+    lacking = _lacking(weights.tensors, state)
+    if lacking:
+        raise ClearError(f"weights {weights.path.name} are incomplete: {len(lacking)} tensor(s) that the file holds "
+                         f"for other layers are missing ({_few(lacking)})", "re-export the file; it was cut short")
     wrong = [f"{k} (file {list(v.shape)}, model {list(state[k].shape)})" for k, v in weights.tensors.items()
              if tuple(v.shape) != tuple(state[k].shape)]
     if wrong:
@@ -431,6 +454,16 @@ def materialize(transformer: torch.nn.Module, weights: AttnWeights) -> dict[str,
     for k, v in weights.tensors.items():
         out[k] = v.to(state[k].dtype)
     return out
+
+
+def _lacking(tensors: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Model keys of a kind the file holds for some layers (the same key with another block number) but not for
+    this one: a file that lost a tensor would otherwise be applied in part without a word."""
+    def pattern(k: str) -> str:
+        return re.sub(r"\.\d+\.", ".*.", k)
+
+    kinds = {pattern(k) for k in tensors}
+    return sorted(k for k in state if k not in tensors and pattern(k) in kinds)
 
 
 def load_tensors(transformer: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clear_cli.config import doc, to_dict
+from clear_cli.config import check_finite, doc, to_dict
 from clear_cli.errors import ClearError, UsageError
-from clear_cli.files import atomic_copy, atomic_write_text, remove_owned, save_safetensors
+from clear_cli.files import atomic_copy, atomic_write_text, check_out_dir, remove_owned, save_safetensors
 from clear_cli.models import tiny
 from clear_cli.tiny import scenes
 
@@ -373,6 +373,14 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
     cfg = cfg or TinyTrainConfig()
     if cfg.res % 16 or cfg.res < 32:
         raise UsageError(f"--res must be a multiple of 16 and at least 32, got {cfg.res}")
+    small = [f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+             if f.type in (int, "int") and f.name != "seed" and getattr(cfg, f.name) < 1]
+    if small:  # before the VAE stage, not after it; a 0-step run would write an untrained model
+        raise UsageError(f"{', '.join(small)}: must be at least 1")
+    check_finite(cfg)
+    if minutes is not None and not minutes > 0:
+        raise UsageError(f"--minutes {minutes}: must be a positive number of minutes")
+    check_out_dir(out)
     if resume not in (None, "auto"):
         raise UsageError(f"--resume takes 'auto', got {resume!r}")
     out = Path(out)
