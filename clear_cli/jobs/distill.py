@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from clear_cli.config import apply_overrides, to_dict
 from clear_cli.errors import ClearError, UsageError
+from clear_cli.extras import available, install_line, require
 from clear_cli.files import (OutLock, atomic_dir, atomic_write_text, owned_present, remove_owned, save_png,
                              save_safetensors)
 from clear_cli.flux import BASE_RES, PIXELS_PER_TOKEN
@@ -93,7 +94,7 @@ def lr_lambda(schedule: str, steps: int, warmup: int):
 def build_optimizer(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
     t = recipe.train
     if t.optimizer == "prodigy":
-        from prodigyopt import Prodigy
+        Prodigy = require("prodigyopt", "train.optimizer: prodigy").Prodigy
 
         # Bias correction and a safeguarded warmup are what Prodigy's authors advise for diffusion fine-tuning.
         return Prodigy(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
@@ -312,16 +313,13 @@ def plan(recipe: str | Path | Recipe | dict | None = None, *, overrides: list[st
     if t.mixed_precision == "fp16":
         notes.append("fp16 overflows in FLUX and its T5 encoder; prefer mixed_precision: bf16")
     if t.optimizer == "prodigy":
-        try:
-            import prodigyopt  # noqa: F401
-        except ImportError:
-            problems.append("train.optimizer: prodigy is not installed (pip install prodigyopt, or optimizer: adamw)")
+        if not available("prodigyopt"):
+            problems.append(f"train.optimizer: prodigy is not installed ({install_line('prodigyopt')}, or "
+                            "optimizer: adamw)")
     if rec.report_to != "none":
         mod = {"tensorboard": "tensorboard", "wandb": "wandb"}[rec.report_to]
-        import importlib.util
-
-        if importlib.util.find_spec(mod) is None:
-            problems.append(f"report_to: {rec.report_to} is not installed (pip install {mod}, or report_to: none)")
+        if not available(mod):
+            problems.append(f"report_to: {rec.report_to} is not installed ({install_line(mod)}, or report_to: none)")
     out_dir = Path(rec.out_dir).expanduser()
     ckpt, step = _check_out(rec, out_dir, None if resume is None else str(resume), overwrite, problems, notes)
     if problems:
@@ -633,7 +631,7 @@ class Distiller:
         return float(g["lr"]) * float(g.get("d", 1.0))  # Prodigy: the effective step size is d * lr
 
     def run(self) -> DistillResult:
-        from tqdm.auto import tqdm
+        from clear_cli.logs import progress_bar as tqdm
 
         r = self.recipe
         t0 = time.perf_counter()

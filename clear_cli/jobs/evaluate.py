@@ -279,7 +279,7 @@ def _draw(pipe, prompts: list[str], indices: list[int], folder: Path, *, width: 
           guidance: float, seed: int, progress: bool, label: str, overwrite: bool) -> dict[int, float]:
     """Draw the missing images of `indices` into `folder`; returns {index: seconds} of timed draws."""
     import torch
-    from tqdm.auto import tqdm
+    from clear_cli.logs import progress_bar as tqdm
 
     from clear_cli.sampling.seeds import draw
 
@@ -332,7 +332,7 @@ def _mean(t) -> float | None:
 
 def _compute(out: Path, n: int, prompts: list[str], students: list[Student], metrics: list[str], nets,
              cfg: EvalConfig, size: tuple[int, int], say: Log, progress: bool) -> tuple[dict, list[dict]]:
-    from tqdm.auto import tqdm
+    from clear_cli.logs import progress_bar as tqdm
 
     from clear_cli.metrics import fid_from_features, image_features, mean_psnr, pair_metrics
     from clear_cli.metrics.clip import cosine, text_score

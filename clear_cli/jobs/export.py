@@ -223,7 +223,7 @@ def _modules_of(full: dict[str, torch.Tensor], w_name: str) -> dict[str, dict[st
 # ----------------------------------------------------------------------------------------------- formats
 
 def _lora_tensors(modules, base, cfg: ExportConfig, dtype, device, progress: bool):
-    from tqdm.auto import tqdm
+    from clear_cli.logs import progress_bar as tqdm
 
     from clear_cli.models.weights import LORA_PREFIX
 
@@ -284,7 +284,7 @@ def _comfy_groups(modules, base) -> dict[str, list[tuple[str | None, int]]]:
 
 
 def _comfy_tensors(modules, base, cfg: ExportConfig, dtype, device, progress: bool):
-    from tqdm.auto import tqdm
+    from clear_cli.logs import progress_bar as tqdm
 
     tensors: dict[str, torch.Tensor] = {}
     layers: list[LayerReport] = []

@@ -404,7 +404,7 @@ def _done_samples(root: Path, n: int, batch: int) -> int:
 def _draw_chunks(plan: _Plan, pipe, device, state, chunks: list[int], done_before: int, progress: bool,
                  on_batch: Callable[[int], None] | None) -> None:
     """Deal `chunks` round-robin to processes and draw this process's share; one bar on the main process."""
-    from tqdm.auto import tqdm
+    from clear_cli.logs import progress_bar as tqdm
 
     from clear_cli.models import text_len
 
@@ -585,7 +585,7 @@ def _repair(root: Path, card: dict, found, report, device: str, pipe, progress: 
 
 def _check_all(root: Path, card: dict, progress: bool) -> tuple[dict, dict, list[int], bool]:
     """(missing, corrupt, chunks holding either, manifest stale) over the whole dataset."""
-    from tqdm.auto import tqdm
+    from clear_cli.logs import progress_bar as tqdm
 
     n, batch = int(card["n"]), int(card["batch_size"])
     missing: dict[int, str] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -28,6 +29,29 @@ def local_dir_or_hub(value: str, option: str) -> str:
 
 
 _REACHABLE: dict[str, bool] = {}
+_DOWNLOADS = {"allowed": True}
+
+
+@contextlib.contextmanager
+def downloads(allowed: bool):
+    """Within: whether metric networks may be downloaded. `clear eval` allows it only for metrics the user named
+    in --metrics; the default set uses local files and caches only, and skips the rest (no network at all)."""
+    old = _DOWNLOADS["allowed"]
+    _DOWNLOADS["allowed"] = allowed
+    try:
+        yield
+    finally:
+        _DOWNLOADS["allowed"] = old
+
+
+def downloads_allowed() -> bool:
+    return _DOWNLOADS["allowed"]
+
+
+def not_downloaded(what: str, option: str, metric: str) -> NetworkUnavailable:
+    """The one line for a network that would need a download nobody asked for."""
+    return NetworkUnavailable(f"the {what} is not on this machine and is not downloaded unasked",
+                              f"pass a local copy with {option}, or name {metric} in --metrics to download it")
 
 
 def hub_reachable(host: str = "huggingface.co") -> bool:
@@ -65,6 +89,8 @@ def from_pretrained(cls, source: str, **kw):
         cached = None
     if cached is not None:
         return cls.from_pretrained(cached, **kw)
+    if not downloads_allowed():
+        raise _NotAsked(source)
     if not hub_reachable():
         raise OSError("not in the local hub cache and the hub cannot be reached (offline)")
     return cls.from_pretrained(source, **kw)
@@ -76,8 +102,14 @@ def load_pretrained(model: str, option: str, what: str, build):
     source = local_dir_or_hub(model, option)
     try:
         return build(source)
+    except _NotAsked as e:
+        raise not_downloaded(f"{what} {model!r}", option, what.split()[0].lower()) from e
     except Exception as e:
         raise hub_failure(what, model, option, e) from e
+
+
+class _NotAsked(OSError):
+    """A hub download that the current `downloads(False)` forbids."""
 
 
 def local_file(value: str, option: str, suffix: str = ".safetensors") -> Path:

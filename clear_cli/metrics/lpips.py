@@ -23,7 +23,9 @@ NETS = ("alex", "vgg", "squeeze")
 
 def build_lpips(net: str = "alex", pretrained: bool = False) -> nn.Module:
     """torchmetrics' LPIPS network; pretrained=False builds it without any download or file read."""
-    from torchmetrics.functional.image.lpips import _LPIPS
+    from clear_cli.extras import require
+
+    _LPIPS = require("torchmetrics.functional.image.lpips", "the LPIPS metric")._LPIPS
 
     if net not in NETS:
         raise UsageError(f"LPIPS net {net!r} is not one of {', '.join(NETS)}")
@@ -42,6 +44,10 @@ class Lpips:
 
     def __init__(self, weights: str | Path | None = None, device: str | torch.device = "cpu") -> None:
         if weights is None:
+            from clear_cli.metrics.loading import downloads_allowed, not_downloaded
+
+            if not downloads_allowed():  # torchvision's AlexNet: a download, and a pickle even when cached
+                raise not_downloaded("LPIPS AlexNet backbone", "--lpips-weights", "lpips")
             try:
                 self.net = build_lpips("alex", pretrained=True)
             except Exception as e:

@@ -170,7 +170,7 @@ class _Run:
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+    from clear_cli.logs import progress_bar as tqdm
 
     tty = sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
