@@ -35,7 +35,7 @@ def progress_bar(*args, **kw):
     log file) at most one update every 30 s, so a log holds a few lines rather than every frame."""
     import sys
 
-    from clear_cli.logs import progress_bar as tqdm
+    from tqdm.auto import tqdm
 
     stream = kw.get("file") or sys.stderr
     try:
