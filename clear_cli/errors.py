@@ -61,3 +61,18 @@ def os_error(e: OSError, action: str = "cannot write") -> ClearError:
     if name == "ENOENT" and action == "cannot write":
         hint = "a folder on the way is missing or was removed: check the path"
     return ClearError(f"{action}{where}: {cause}", hint)
+
+
+def embedded_os_error(e: BaseException, path: str | None = None) -> OSError | None:
+    """The OSError inside another library's error: safetensors reports a full disk as a SafetensorError
+    "I/O error: No space left on device (os error 28)"; None when there is none."""
+    import os
+    import re
+
+    if isinstance(e, OSError):
+        return e
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    if m is None:
+        return None
+    n = int(m.group(1))
+    return OSError(n, os.strerror(n), path)

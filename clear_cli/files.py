@@ -145,8 +145,16 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], metada
     """
     from safetensors.torch import save_file
 
+    from clear_cli.errors import embedded_os_error
+
     with atomic_path(path) as tmp:
-        save_file(dict(tensors), str(tmp), metadata=dict(metadata) if metadata is not None else None)
+        try:
+            save_file(dict(tensors), str(tmp), metadata=dict(metadata) if metadata is not None else None)
+        except Exception as e:  # SafetensorError wraps I/O faults (a full disk): raise them as what they are
+            os_err = embedded_os_error(e, str(path))
+            if os_err is None or isinstance(e, OSError):
+                raise
+            raise os_err from e
         _canonical_header(tmp)
     return Path(path)
 

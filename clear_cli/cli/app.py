@@ -9,7 +9,7 @@ import traceback
 import typer
 
 from clear_cli import __version__
-from clear_cli.errors import ClearError, os_error
+from clear_cli.errors import ClearError, embedded_os_error, os_error
 
 app = typer.Typer(
     name="clear",
@@ -81,6 +81,11 @@ def run(argv: list[str] | None = None, prog_name: str = "clear") -> int:
     except KeyboardInterrupt:
         _interrupted()
         return 130
+    except Exception as e:  # a library's wrapper around an I/O fault (safetensors inside accelerate's save_state)
+        inner = embedded_os_error(e)
+        if inner is None:
+            raise
+        return _fail(os_error(inner))
     return 0
 
 

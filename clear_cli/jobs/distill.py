@@ -551,7 +551,11 @@ class Distiller:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         self.acc.wait_for_everyone()
-        self.acc.save_state(str(tmp))
+        try:
+            self.acc.save_state(str(tmp))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint never stays (a full disk, a kill)
+            raise
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             state = {"step": step, "recipe": self.resolved_dict(), "recipe_hash": recipe_hash(self.recipe),
