@@ -175,6 +175,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, meta
 
 
+TENSOR_COUNT = "tensor_count"  # metadata key: how many tensors the writer stored
+
+
 def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
     """The first tensor (in key order) holding NaN or inf, or None."""
     for k in sorted(tensors):
@@ -300,6 +303,10 @@ def load_attention_weights(spec: str | os.PathLike, *, cache_dir: str | os.PathL
     tensors, meta = _read_safetensors(path)
     if not tensors:
         raise ClearError(f"weights {path.name} holds no tensors", "pass an attention-weight file")
+    said = meta.get(TENSOR_COUNT, "")
+    if said.isdigit() and int(said) != len(tensors):
+        raise ClearError(f"weights {path.name} hold {len(tensors)} tensors where their metadata says {said}: the "
+                         "file lost tensors since it was written", "re-export it, or use the original file")
     origin: dict[str, str] = {}
     lora: dict[str, LoraDelta] = {}
     is_lora = any(".lora_A." in k or ".lora_B." in k for k in tensors) or any(k.startswith(POOL_PREFIX)
@@ -442,10 +449,6 @@ def materialize(transformer: torch.nn.Module, weights: AttnWeights) -> dict[str,
                              "before loading them (clear gen does this from the file)")
         raise ClearError(f"weights {weights.path.name} do not fit this model: {len(missing)} key(s) it does not have "
                          f"({_few(missing)})", "were they made for another model?")
-    lacking = _lacking(weights.tensors, state)
-    if lacking:
-        raise ClearError(f"weights {weights.path.name} are incomplete: {len(lacking)} tensor(s) that the file holds "
-                         f"for other layers are missing ({_few(lacking)})", "re-export the file; it was cut short")
     wrong = [f"{k} (file {list(v.shape)}, model {list(state[k].shape)})" for k, v in weights.tensors.items()
              if tuple(v.shape) != tuple(state[k].shape)]
     if wrong:
@@ -454,16 +457,6 @@ def materialize(transformer: torch.nn.Module, weights: AttnWeights) -> dict[str,
     for k, v in weights.tensors.items():
         out[k] = v.to(state[k].dtype)
     return out
-
-
-def _lacking(tensors: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Model keys of a kind the file holds for some layers (the same key with another block number) but not for
-    this one: a file that lost a tensor would otherwise be applied in part without a word."""
-    def pattern(k: str) -> str:
-        return re.sub(r"\.\d+\.", ".*.", k)
-
-    kinds = {pattern(k) for k in tensors}
-    return sorted(k for k in state if k not in tensors and pattern(k) in kinds)
 
 
 def load_tensors(transformer: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -500,5 +493,6 @@ def save_attention_weights(path: str | os.PathLike, tensors: Mapping[str, torch.
     from clear_cli.files import save_safetensors
 
     meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items() if v is not None}
+    meta[TENSOR_COUNT] = str(len(tensors))  # lets a reader tell a file that lost tensors from a partial one
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     return save_safetensors(path, clean, metadata=meta)

@@ -233,7 +233,7 @@ def test_writer_encodes_metadata_as_json_strings(tmp_path):
                                     {"window": 16, "base_model": "tiny", "ranks": {"x": 4}, "skip": None})
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    assert meta == {"window": "16", "base_model": "tiny", "ranks": json.dumps({"x": 4})}
+    assert meta == {"window": "16", "base_model": "tiny", "ranks": json.dumps({"x": 4}), "tensor_count": "1"}
     assert W.processor_key(W.pool_key("single_transformer_blocks.3.attn.processor.spatial_weight")) == \
         "single_transformer_blocks.3.attn.processor.spatial_weight"
 
