@@ -261,12 +261,11 @@ def check_out_dir(path: str | os.PathLike, option: str = "--out") -> Path:
     if probe.exists() and not probe.is_dir():
         raise UsageError(f"{option} {out}: {probe} is a file, so no directory can be made under it",
                          "pick another path")
-    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
-        import errno
-
-        raise _os_error_of(OSError(errno.EROFS if _read_only(probe) else errno.EACCES,
-                                   os.strerror(errno.EROFS if _read_only(probe) else errno.EACCES), str(probe)),
-                           option)
+    if probe.exists():
+        try:  # a real write, not os.access: that says yes to root on a read-only disk
+            temp_path(probe / ".write-probe").unlink()
+        except OSError as e:
+            raise _os_error_of(e if e.filename else OSError(e.errno, e.strerror, str(probe)), option) from None
     return out
 
 
@@ -293,18 +292,12 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
-def _read_only(path: Path) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except (OSError, AttributeError):
-        return False
-
-
 def _os_error_of(e: OSError, option: str):
     from clear_cli.errors import os_error
 
     err = os_error(e)
-    err.message = f"{option} {e.filename}: cannot write there ({e.strerror})"
+    where = Path(e.filename).parent if is_temp_name(Path(str(e.filename)).name) else e.filename
+    err.message = f"{option} {where}: cannot write there ({e.strerror})"
     return err
 
 
