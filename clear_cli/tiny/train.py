@@ -378,6 +378,8 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
     if small:  # before the VAE stage, not after it; a 0-step run would write an untrained model
         raise UsageError(f"{', '.join(small)}: must be at least 1")
     check_finite(cfg)
+    if minutes is not None and not math.isfinite(minutes):
+        raise UsageError(f"--minutes {minutes} is not a finite number", "e.g. --minutes 30")
     if minutes is not None and not minutes > 0:
         raise UsageError(f"--minutes {minutes}: must be a positive number of minutes")
     check_out_dir(out)
