@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from clear_cli.errors import ClearError, UsageError
+from clear_cli.network import hub_reachable
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -28,7 +29,6 @@ def local_dir_or_hub(value: str, option: str) -> str:
     return value
 
 
-_REACHABLE: dict[str, bool] = {}
 _DOWNLOADS = {"allowed": True}
 
 
@@ -52,27 +52,6 @@ def not_downloaded(what: str, option: str, metric: str) -> NetworkUnavailable:
     """The one line for a network that would need a download nobody asked for."""
     return NetworkUnavailable(f"the {what} is not on this machine and is not downloaded unasked",
                               f"pass a local copy with {option}, or name {metric} in --metrics to download it")
-
-
-def hub_reachable(host: str = "huggingface.co") -> bool:
-    """Whether the hub can be reached at all; checked once per process so that an offline machine fails in
-    seconds instead of waiting through the hub client's retries for every network. A proxy, or the hub
-    client's offline switch, is left to the client."""
-    import os
-    import socket
-
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
-        return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    host = os.environ.get("HF_ENDPOINT", host).split("://")[-1].split("/")[0].split(":")[0] or host
-    if host not in _REACHABLE:
-        try:
-            socket.create_connection((host, 443), timeout=5).close()
-            _REACHABLE[host] = True
-        except OSError:
-            _REACHABLE[host] = False
-    return _REACHABLE[host]
 
 
 def from_pretrained(cls, source: str, **kw):

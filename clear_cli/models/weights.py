@@ -133,11 +133,21 @@ def resolve_spec(spec: str | os.PathLike, *, cache_dir: str | os.PathLike | None
         raise UsageError(f"weights file {text} does not exist",
                          "pass a local .safetensors file or a hub reference REPO:FILE, "
                          "e.g. Huage001/CLEAR:clear_local_16.safetensors")
-    try:
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download
 
-        local = hf_hub_download(repo_id=m["repo"], filename=m["file"],
-                                cache_dir=str(cache_dir) if cache_dir is not None else None)
+    kw = dict(repo_id=m["repo"], filename=m["file"], cache_dir=str(cache_dir) if cache_dir is not None else None)
+    try:
+        return Path(hf_hub_download(**kw, local_files_only=True))  # cached: no network at all
+    except Exception:  # not in the cache (the hub client raises several types)
+        pass
+    from clear_cli.network import hub_reachable
+
+    if not hub_reachable():
+        raise ClearError(f"could not download {m['file']} from {m['repo']}: the hub cannot be reached (offline) and "
+                         "the file is not in the local hub cache",
+                         "connect and rerun, or download the file elsewhere and pass its local path")
+    try:
+        local = hf_hub_download(**kw)
     except Exception as e:  # hub errors come in many types; all mean "could not get the file"
         first = f"{type(e).__name__}: {e}".splitlines()[0][:200]
         raise ClearError(f"could not download {m['file']} from {m['repo']} ({first})",

@@ -97,3 +97,12 @@ def test_progress_bars_are_sparse_off_a_terminal():
     bar.close()
     assert bar.mininterval == NOT_A_TERMINAL_INTERVAL
     assert buf.getvalue().count("\r") <= 3  # start, end (and maybe one in between), not a frame per update
+
+
+def test_hub_weights_offline_fail_at_once_in_one_line(cli, tmp_path, no_network):
+    from conftest import GEN
+
+    status, _, err = cli(*GEN, "--weights", "someone/repo:file.safetensors", "--out", str(tmp_path / "g"))
+    assert status == 1
+    one_error(err, "cannot be reached", "pass its local path")
+    assert "Retrying" not in err and len(no_network) <= 2  # a probe or two, never the client's retries
