@@ -106,3 +106,25 @@ def test_hub_weights_offline_fail_at_once_in_one_line(cli, tmp_path, no_network)
     assert status == 1
     one_error(err, "cannot be reached", "pass its local path")
     assert "Retrying" not in err and len(no_network) <= 2  # a probe or two, never the client's retries
+
+
+def test_lpips_backbone_is_read_without_unpickling(monkeypatch):
+    """The AlexNet backbone (a download) is loaded with weights_only=True into torchmetrics' LPIPS network."""
+    import torch
+    from torchvision.models import alexnet
+
+    from clear_cli.metrics.lpips import pretrained_alex
+
+    torch.manual_seed(0)
+    state = alexnet(weights=None).state_dict()
+    seen = {}
+
+    def fake_download(url, **kw):
+        seen.update(kw, url=url)
+        return state
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_download)
+    net = pretrained_alex()
+    assert seen["weights_only"] is True and seen["url"].endswith(".pth")
+    torch.testing.assert_close(net.net.slice1[0].weight, state["features.0.weight"])
+    torch.testing.assert_close(getattr(net.net.slice5, "10").weight, state["features.10.weight"])
