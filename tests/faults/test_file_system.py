@@ -169,3 +169,13 @@ def test_written_files_follow_the_umask(cli, tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "g" / "a-red-circle_0.png").stat().st_mode & 0o777 == 0o644
+
+
+def test_model_save_overwrite_never_replaces_a_foreign_folder(cli, tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    status, _, err = cli("model", "save", *TINY, "--out", str(out), "--overwrite")
+    assert status == 2
+    one_error(err, "not a saved model", "notes.txt")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
