@@ -179,3 +179,11 @@ def test_model_save_overwrite_never_replaces_a_foreign_folder(cli, tmp_path):
     assert status == 2
     one_error(err, "not a saved model", "notes.txt")
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_model_save_overwrite_replaces_its_own_folder(cli, tmp_path):
+    out = tmp_path / "m"
+    assert cli("model", "save", "--model", "tiny-random", "--out", str(out))[0] == 0
+    status, _, err = cli("model", "save", "--model", "tiny-random", "--out", str(out), "--overwrite")
+    assert status == 0, err
+    assert (out / "model_index.json").is_file()
