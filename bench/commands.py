@@ -15,7 +15,7 @@ time budget left is below what the section needs:
   synth    `clear synth --n 2 --res 1k --batch-size 2 --steps 8`: seconds per image and step, peak memory
   distill  `clear distill recipes/flux_dev.yaml` on that data, 3 steps at micro batch 1, with and without gradient
            checkpointing: seconds per step, peak memory, resident weights against the one-copy count (25.5 GiB)
-  eval     `clear eval --student <the distilled file> --n 1 --res 1k --steps 8 --metrics speed,ssim,psnr`
+  eval     `clear eval --weights <the distilled file> --n 1 --res 1k --steps 8 --metrics speed,ssim,psnr`
   offload  `clear gen --res 8k --offload` (CLEAR, one step per refinement stage): peak memory and time
   fits     from the measured peaks: the largest resolution that fits 24, 48 and 80 GB, with and without --offload
 Figures go to $OUT/commands.json after every measurement; the estimates of clear_cli.models.fit sit beside the
@@ -539,7 +539,7 @@ def section_distill(ctx: Ctx) -> None:
             t = time.perf_counter()
             with Recorder() as rec:
                 r = clear_cli.distill(str(Path(__file__).resolve().parent.parent / "recipes" / "flux_dev.yaml"),
-                                      overrides=overrides, out=str(out), overwrite=True, device=ctx.device,
+                                      sets=overrides, out=str(out), overwrite=True, device=ctx.device,
                                       progress=False)
             wall = time.perf_counter() - t
             secs = [x["seconds"] for x in r.log]
@@ -592,7 +592,7 @@ def section_eval(ctx: Ctx) -> None:
         wall = time.perf_counter() - t
         st = r["students"][0]
         b.section("eval").update({
-            "command": f"clear eval --student {Path(student).name} --n 1 --res {ctx.res['1k']} --steps {steps} "
+            "command": f"clear eval --weights {Path(student).name} --n 1 --res {ctx.res['1k']} --steps {steps} "
                        "--metrics speed,ssim,psnr", "wall_s": round(wall, 2),
             "teacher_s_per_image": r["teacher"]["seconds_per_image"], "student_s_per_image": st["seconds_per_image"],
             "speedup": st["speedup"], "calls": rec.summary(), **rec.peaks()})

@@ -43,10 +43,12 @@ import torch  # noqa: E402
 WINDOW = 2
 FULL = dict(n_data=256, synth_steps=12, distill_steps=300, n_eval=16, eval_steps=12,
             derive=dict(style="roll", steps=300, lr=1e-3, scenes=1024),
-            style=dict(style="invert", steps=200, lr=3e-3, scenes=1024, lora_rank=8))
+            style=dict(style="invert", steps=200, lr=3e-3, scenes=1024, lora_rank=8),
+            controlnet=dict(steps=300, batch=16, scenes=512))
 QUICK = dict(n_data=8, synth_steps=2, distill_steps=3, n_eval=2, eval_steps=2,
              derive=dict(style="roll", steps=2, lr=1e-3, scenes=64, batch=4),
-             style=dict(style="invert", steps=2, lr=3e-3, scenes=64, batch=4, lora_rank=4))
+             style=dict(style="invert", steps=2, lr=3e-3, scenes=64, batch=4, lora_rank=4),
+             controlnet=dict(steps=2, batch=4, scenes=16))
 
 
 def _say(msg: str) -> None:
@@ -100,7 +102,7 @@ def distil(model: str, work: Path, s: dict, times: dict, tag: str) -> Path:
         synth(model=model, prompts=str(ROOT / "recipes" / "tiny_prompts.txt"), n=s["n_data"], res="128",
               steps=s["synth_steps"], out=str(data), device="cpu", progress=False, overwrite=True)
     with _timed(times, f"distill {tag}"):
-        distill(str(ROOT / "recipes" / "tiny.yaml"), overrides=[f"data={data}", f"model={model}",
+        distill(str(ROOT / "recipes" / "tiny.yaml"), sets=[f"data={data}", f"model={model}",
                                                                  f"train.steps={s['distill_steps']}"],
                 out=str(work / "distill"), overwrite=True, device="cpu", progress=False)
     return weights
@@ -170,7 +172,7 @@ def measure_lora(style_lora: str, fused: str, fused_own: Path, teacher_w: Path, 
 
     clear_lora = tmp / "clear_lora_full_rank.safetensors"
     if not clear_lora.is_file():
-        export(teacher_w, "lora", energy=1.0, out=clear_lora, overwrite=True, progress=False)
+        export(teacher_w, format="lora", energy=1.0, out=clear_lora, overwrite=True, progress=False)
     pipe = load_pipeline("tiny")
     pipe.load_lora_weights(style_lora, adapter_name="style")
     pipe.load_lora_weights(str(clear_lora), adapter_name="clear_attn")  # "clear" would clash with ModuleDict.clear
@@ -190,6 +192,64 @@ def measure_lora(style_lora: str, fused: str, fused_own: Path, teacher_w: Path, 
     rows["own"] = scores(own_sub.images(), own_ref)
     rows["own"]["reference_vs_stacked_psnr_db"] = scores(own_ref, ref)["psnr_db"]  # fused = adapters (same model)
     return {"model": "tiny + style LoRA", "rows": rows, "full_attention": ref}
+
+
+def build_controlnet(out: Path, s: dict, times: dict) -> str:
+    """The tiny ControlNet (grey scene -> colour scene; `clear_cli.tiny.controlnet`), reused if present."""
+    from clear_cli.tiny.controlnet import train_controlnet
+
+    path = out / "controlnet"
+    if not (path / "config.json").is_file():
+        with _timed(times, "ControlNet (grey -> scene)"):
+            train_controlnet(path, **s["controlnet"])
+    return str(path)
+
+
+def measure_controlnet(cn_path: str, teacher_w: Path, s: dict) -> dict:
+    """The teacher with the tiny ControlNet on top, each CLEAR variant against the same full-attention ControlNet
+    call; plus how far the control moves the teacher and how well its images follow the control."""
+    import numpy as np
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+    from PIL import Image
+
+    from clear_cli.attention.linearize import linearize, unlinearize
+    from clear_cli.models import load_pipeline, text_len
+    from clear_cli.models.weights import apply_attention_weights, load_attention_weights, load_tensors
+    from clear_cli.tiny import HELD_OUT_SEED, scenes
+    from clear_cli.tiny.controlnet import grey
+
+    base = load_pipeline("tiny")
+    pipe = FluxControlNetPipeline.from_pipe(base, controlnet=FluxControlNetModel.from_pretrained(cn_path).eval())
+    pipe.set_progress_bar_config(disable=True)
+    imgs, caps = scenes.make_batch([HELD_OUT_SEED + i for i in range(s["n_eval"])], 128)
+    controls = grey(imgs)
+    control_pil = [Image.fromarray((c * 255).round().astype(np.uint8)) for c in controls]
+    t = text_len(pipe)
+
+    def images(scale: float = 1.0) -> torch.Tensor:
+        out = [pipe(prompt=caps[i], control_image=control_pil[i], controlnet_conditioning_scale=scale, height=128,
+                    width=128, num_inference_steps=s["eval_steps"], guidance_scale=3.5, max_sequence_length=t,
+                    generator=torch.Generator().manual_seed(i), output_type="pt").images for i in range(len(caps))]
+        return torch.cat([o.float().clamp(0, 1).cpu() for o in out])
+
+    def follows(x: torch.Tensor) -> dict:   # the images in grey against the control images
+        g = torch.from_numpy(grey(x.permute(0, 2, 3, 1).numpy())).permute(0, 3, 1, 2)
+        return scores(g, torch.from_numpy(controls).permute(0, 3, 1, 2).float())
+
+    ref = images()
+    no_control = images(0.0)
+    rows: dict[str, dict] = {}
+    linearize(pipe, window=WINDOW)   # the transformer and the ControlNet
+    rows["zero-shot"] = scores(images(), ref)
+    previous = apply_attention_weights(pipe.transformer, load_attention_weights(teacher_w))
+    rows["transferred"] = scores(images(), ref)   # the teacher's CLEAR weights; the ControlNet CLEAR zero-shot
+    unlinearize(pipe.controlnet)
+    rows["transferred, ControlNet full attention"] = scores(images(), ref)
+    load_tensors(pipe.transformer, previous)
+    unlinearize(pipe)
+    return {"model": "tiny + ControlNet (grey -> scene)", "rows": rows,
+            "control_effect": {"no_control_vs_control": scores(no_control, ref),
+                               "follows_control_with": follows(ref), "follows_control_without": follows(no_control)}}
 
 
 def recovery(rows: dict) -> float | None:
@@ -214,6 +274,19 @@ def style_checks(teacher_ref: torch.Tensor, deriv_ref: torch.Tensor, style_ref: 
 
 def table(res: dict) -> str:
     lines = ["| model | CLEAR r = 2 | PSNR (dB) | SSIM |", "|---|---|---|---|"]
+    lines += [] if "teacher" not in res else _model_rows(res)
+    if "controlnet" in res:
+        label = "teacher + tiny ControlNet"
+        names = {"zero-shot": "zero-shot (both linearized, no weights)",
+                 "transferred": "the teacher's CLEAR weights, ControlNet CLEAR zero-shot",
+                 "transferred, ControlNet full attention": "the teacher's CLEAR weights, ControlNet full attention"}
+        for row, r in res["controlnet"]["rows"].items():
+            lines.append(f"| {label} | {names[row]} | {r['psnr_db']:.2f} | {r['ssim']:.4f} |")
+    return "\n".join(lines)
+
+
+def _model_rows(res: dict) -> list[str]:
+    lines: list[str] = []
     names = {"zero-shot": "zero-shot (no weights)", "overwrite": "teacher's file overwriting the projections",
              "transferred": "teacher's weights as a delta (--base tiny)", "own": "distilled on this model itself"}
     for key in ("teacher", "derivative", "lora"):
@@ -229,7 +302,7 @@ def table(res: dict) -> str:
                 lines.append(f"| {label} | {name} | {r['psnr_db']:.2f} | {r['ssim']:.4f} |")
         if m.get("recovery") is not None:
             lines.append(f"| {label} | recovery (transferred gain / own gain, PSNR) | {100 * m['recovery']:.0f}% | |")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -237,6 +310,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="out/transfer", help="working folder (models, data, runs, transfer.json)")
     ap.add_argument("--quick", action="store_true", help="plumbing only: tiny sizes, figures meaningless")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny's ops gain nothing from more)")
+    ap.add_argument("--only", choices=("all", "controlnet"), default="all",
+                    help="controlnet: the teacher's CLEAR weights and the tiny ControlNet row only "
+                         "(OUT/transfer_controlnet.json)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     s = QUICK if args.quick else FULL
@@ -247,6 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     c0 = time.process_time()
+    if args.only == "controlnet":
+        return _controlnet_only(out, s, times, t0, c0, args, argv)
     _say("building the derivative and the style LoRA")
     models = build_models(out, s, times)
     _say("distilling CLEAR on each model")
@@ -258,7 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
         deriv = measure_model(models["deriv"], w["deriv"], w["tiny"], prompts, s)
         lora = measure_lora(models["style_lora"], models["teacher_style"], w["teacher_style"], w["tiny"], prompts, s,
                             out)
-    res = {"teacher": teacher, "derivative": deriv, "lora": lora,
+        controlnet = measure_controlnet(build_controlnet(out, s, times), w["tiny"], s)
+    res = {"teacher": teacher, "derivative": deriv, "lora": lora, "controlnet": controlnet,
            "style": style_checks(teacher["full_attention"], deriv["full_attention"], lora["full_attention"])}
     for k in ("teacher", "derivative", "lora"):
         res[k].pop("full_attention")
@@ -279,6 +358,31 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nderivative vs teacher (full attention): {st['deriv_vs_teacher']['psnr_db']:.2f} dB; style LoRA vs "
           f"teacher: {st['style_vs_teacher']['psnr_db']:.2f} dB (visibly different looks)")
     print(f"wall {res['wall_seconds']} s, CPU {res['cpu_seconds']} s; figures: {out / 'transfer.json'}")
+    return res
+
+
+def _controlnet_only(out: Path, s: dict, times: dict, t0: float, c0: float, args, argv) -> dict:
+    _say("distilling CLEAR on the teacher; training the tiny ControlNet")
+    w = distil("tiny", out / "clear_tiny", s, times, "tiny")
+    cn = build_controlnet(out, s, times)
+    with _timed(times, "measure ControlNet"):
+        res = {"controlnet": measure_controlnet(cn, w, s)}
+    res.update({"settings": {k: v for k, v in s.items()}, "window": WINDOW, "quick": args.quick,
+                "command": "python bench/transfer.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+                "seconds": times, "wall_seconds": round(time.perf_counter() - t0, 1),
+                "cpu_seconds": round(time.process_time() - c0, 1),
+                "machine": {"nproc": os.cpu_count(), "cpu": _cpu(), "torch": torch.__version__,
+                            "threads": args.threads, "python": platform.python_version(),
+                            "loadavg_end": _loadavg()}})
+    from clear_cli.files import atomic_write_text
+
+    atomic_write_text(out / "transfer_controlnet.json", json.dumps(res, indent=2) + "\n")
+    print(table(res))
+    ce = res["controlnet"]["control_effect"]
+    print(f"\ncontrol: without it {ce['no_control_vs_control']['psnr_db']:.2f} dB from the ControlNet's images; "
+          f"grey images vs the control: {ce['follows_control_with']['psnr_db']:.2f} dB with, "
+          f"{ce['follows_control_without']['psnr_db']:.2f} dB without")
+    print(f"wall {res['wall_seconds']} s, CPU {res['cpu_seconds']} s; figures: {out / 'transfer_controlnet.json'}")
     return res
 
 

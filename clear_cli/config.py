@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -39,8 +40,86 @@ def field_docs(cls: type) -> dict[str, str]:
     return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(cls)}
 
 
+def merge_options(cls: type[T], config: Any = None, options: dict[str, Any] | None = None, *, job: str,
+                  primary: str | None = None) -> T:
+    """The settings of one job call: `config` (a `cls`, a mapping of its fields, or None) with keyword `options`
+    overriding fields by name. Unknown names are a UsageError with a "did you mean". `primary`: the field a bare
+    positional value stands for (`generate("a cat")` -> prompts), the call form jobs had before configs.
+    Paths and numbers given for text fields become text, one text for a list field becomes a list of one."""
+    opts = dict(options or {})
+    if config is None:
+        cfg = cls()
+    elif isinstance(config, cls):
+        cfg = dataclasses.replace(config)
+    elif isinstance(config, dict):
+        cfg = from_dict(cls, config, source=f"{job}()")
+    elif primary is not None:
+        if primary in opts:
+            raise UsageError(f"{job}(): {primary} given twice (positionally and as {primary}=)")
+        cfg, opts[primary] = cls(), config
+    else:
+        raise UsageError(f"{job}(): config must be a {cls.__name__}, a mapping or None, got {type(config).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key, value in opts.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(f"{job}() got an unknown option {key!r}{hint}", f"its options: {', '.join(names)}")
+        setattr(cfg, key, _plain(value, hints[key]))
+    return check_finite(cfg)  # NaN/inf in any float field, from the CLI or a Python call: one rule, here
+
+
+def _plain(value: Any, tp: Any) -> Any:
+    """Python-call conveniences: Path/int for a str field -> str; a str or path for a list field -> [str]."""
+    args = set(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else {tp}
+    lists = [a for a in args if typing.get_origin(a) is list]
+    if lists and isinstance(value, (str, os.PathLike)):
+        return [str(value)] if typing.get_args(lists[0])[:1] == (str,) else [value]
+    if lists and isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, list) and lists and typing.get_args(lists[0])[:1] == (str,):
+        return [str(v) if isinstance(v, os.PathLike) else v for v in value]
+    if str in args and Path not in args:
+        if isinstance(value, os.PathLike):
+            return str(value)
+        if isinstance(value, int) and not isinstance(value, bool) and int not in args:
+            return str(value)
+    return value
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert_union(value: Any, args: tuple, path: str, errors: list[str]) -> Any:
+    """The first member type the value converts to; else the first member's complaint."""
+    if value is None and type(None) in args:
+        return None
+    sub: list[str] = []
+    for a in args:
+        if a is type(None):
+            continue
+        trial: list[str] = []
+        out = _convert(value, a, path, trial)
+        if not trial:
+            return out
+        sub.extend(trial)
+    errors.append(sub[0] if sub else f"{path}: invalid value {value!r}")
+    return value
+
+
+def _convert_literal(value: Any, args: tuple, path: str, errors: list[str]) -> Any:
+    if isinstance(value, bool) and value not in args:
+        # YAML 1.1 reads `no`/`yes`/`off`/`on` as booleans; map back when the choice list has the word
+        for word in (("no", "off", "false") if value is False else ("yes", "on", "true")):
+            if word in args:
+                return word
+    if value not in args:
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        errors.append(f"{path}: {value!r} is not one of {', '.join(map(repr, args))}{hint}")
+    return value
 
 
 def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
@@ -50,30 +129,9 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        sub: list[str] = []
-        for a in args:
-            if a is type(None):
-                continue
-            trial: list[str] = []
-            out = _convert(value, a, path, trial)
-            if not trial:
-                return out
-            sub.extend(trial)
-        errors.append(sub[0] if sub else f"{path}: invalid value {value!r}")
-        return value
+        return _convert_union(value, args, path, errors)
     if origin is typing.Literal:
-        if isinstance(value, bool) and value not in args:
-            # YAML 1.1 reads `no`/`yes`/`off`/`on` as booleans; map back when the choice list has the word
-            for word in (("no", "off", "false") if value is False else ("yes", "on", "true")):
-                if word in args:
-                    return word
-        if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            errors.append(f"{path}: {value!r} is not one of {', '.join(map(repr, args))}{hint}")
-        return value
+        return _convert_literal(value, args, path, errors)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             errors.append(f"{path}: expected a mapping, got {type(value).__name__}")

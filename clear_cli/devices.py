@@ -47,3 +47,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if out is torch.float16:
         warnings.warn("fp16 overflows in FLUX and its T5 encoder (black or NaN images); prefer bf16", stacklevel=2)
     return out
+
+
+def is_main_process() -> bool:
+    """The one main-process rule for multi-process runs (torchrun / accelerate launch): every process runs the job
+    and gets a Result; only the process of global rank 0 reports (`Result.is_main`). Read from the initialised
+    process group, else from the launcher's RANK variable; a single process is always the main one."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0") or 0) == 0

@@ -1,8 +1,8 @@
 """Per-model and per-call state that the CLEAR processors of one transformer share.
 
 A forward pre-hook on the transformer reads each call's geometry (text length from `txt_ids` /
-`encoder_hidden_states`, the token grid from `img_ids`) and hands it to every processor through
-`joint_attention_kwargs["clear_call"]`. Passing it as an argument, rather than through a global, means one model
+`encoder_hidden_states`, the token layout from `img_ids`: `layout.read_layout`, the target grid and any reference
+images) and hands it to every processor through `joint_attention_kwargs["clear_call"]`. Passing it as an argument, rather than through a global, means one model
 serves any resolution, aspect ratio, batch and prompt length, and that gradient checkpointing recomputes a block
 with the geometry and mode (teacher / student, capture) of the pass that built it, even if other passes ran since.
 """
@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from clear_cli.attention.layout import TokenLayout, read_layout, single
 from clear_cli.flux import TRAIN_SEQ_LEN as FLUX_TRAIN_SEQ_LEN  # FLUX.1-dev at 1024^2: 4096 image + 512 text tokens
 
 CALL_KEY = "clear_call"  # the joint_attention_kwargs entry the processors receive
@@ -32,6 +33,7 @@ class ClearSettings:
     train_seq_len: int = FLUX_TRAIN_SEQ_LEN
     log_scale_factor: float = 1.0
     ntk_factor: float | None = None
+    reference_rule: str = "global"  # between a target and its reference images (layout.REFERENCE_RULES)
 
 
 def proportional_scale(seq_len: int, train_seq_len: int, head_dim: int, log_scale_factor: float = 1.0) -> float:
@@ -63,10 +65,15 @@ class CallContext:
     teacher: bool = False
     capture: Capture | None = None
     recorded: set[int] = field(default_factory=set)  # layers already recorded in this call (recompute skips them)
+    layout: TokenLayout | None = None  # every image of the call; None = text then `grid` alone
+
+    def __post_init__(self):
+        if self.layout is None:
+            self.layout = single(self.text_len, self.grid)
 
     @property
     def seq_len(self) -> int:
-        return self.text_len + self.grid[0] * self.grid[1]
+        return self.layout.seq_len
 
 
 @dataclass
@@ -82,42 +89,17 @@ class ClearState:
 
 
 def grid_from_img_ids(img_ids: torch.Tensor, n_image: int | None = None) -> tuple[int, int]:
-    """The (H, W) token grid of FLUX image ids (columns 1, 2 = row, column), which must be laid out row-major.
+    """The (H, W) token grid of FLUX image ids of one image (columns 1, 2 = row, column), laid out row-major.
 
     Rows and columns need only increase (positions may be offset or scaled), but every row must hold the same
-    columns in the same order. ValueError, naming the numbers, when they are not an H x W row-major grid or their
-    count differs from the `n_image` tokens of the image sequence.
+    columns in the same order. ValueError, naming the numbers, when they are not an H x W row-major grid, hold
+    several images (use `layout.read_layout`), or their count differs from `n_image`.
     """
-    ids = img_ids[0] if img_ids.dim() == 3 else img_ids
-    if ids.dim() != 2 or ids.shape[-1] < 3:
-        raise ValueError(f"img_ids must be [tokens, 3] (id, row, column), got shape {tuple(img_ids.shape)}")
-    n = int(ids.shape[0])
-    if n_image is not None and n != n_image:
-        raise ValueError(f"img_ids hold {n} positions but the image sequence has {n_image} tokens; CLEAR needs one "
-                         "id per image token (extra conditioning tokens, as in Kontext, are not supported)")
-    if n == 0:
-        raise ValueError("img_ids are empty: CLEAR needs at least one image token")
-    pos = ids[:, 1:3].detach().to("cpu", torch.float64)
-    rows, cols = pos[:, 0], pos[:, 1]
-    w = int((rows == rows[0]).to(torch.int64).cumprod(0).sum())  # the first row's run of tokens
-    if n % w:
-        raise ValueError(f"img_ids are not a row-major grid: the first row has {w} tokens, which does not divide "
-                         f"the {n} image tokens")
-    h = n // w
-    r, c = rows.view(h, w), cols.view(h, w)
-    same_rows = bool((r == r[:, :1]).all()) and bool((c == c[:1]).all())
-    if ids.dtype in (torch.float16, torch.bfloat16):
-        # FluxPipeline builds img_ids in the model's dtype: bf16 holds integers exactly only up to 256, so past
-        # 4K (256 tokens a side) neighbouring rows and columns round to the same id. Ask only that they never
-        # decrease and that the grid is not one repeated id.
-        step_ok = lambda d: bool((d >= 0).all()) and (d.numel() == 0 or bool((d > 0).any()))  # noqa: E731
-    else:
-        step_ok = lambda d: bool((d > 0).all())  # noqa: E731
-    increasing = step_ok(r[1:, 0] - r[:-1, 0]) and step_ok(c[0, 1:] - c[0, :-1])
-    if not (same_rows and increasing):
-        raise ValueError(f"img_ids are not a row-major {h}x{w} grid ({n} tokens): each row must hold the same "
-                         "increasing columns and rows must increase; CLEAR reads the token grid from img_ids")
-    return h, w
+    lay = read_layout(img_ids, 0, n_image)
+    if lay.references:
+        raise ValueError(f"img_ids hold {len(lay.grids)} images ({lay.describe()}): read them with "
+                         "clear_cli.attention.layout.read_layout")
+    return lay.target.shape
 
 
 def _bound(module: torch.nn.Module, state: ClearState, args: tuple, kwargs: dict) -> inspect.BoundArguments:
@@ -141,7 +123,6 @@ def geometry_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tup
     if img_ids is None:
         raise ValueError("the CLEAR transformer was called without img_ids: it reads the token grid from them")
     n_image = int(hidden.shape[1]) if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else None
-    grid = grid_from_img_ids(img_ids, n_image)
     if isinstance(enc, torch.Tensor):
         text_len = int(enc.shape[1])
         if txt_ids is not None:
@@ -153,8 +134,12 @@ def geometry_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tup
     else:
         raise ValueError("the CLEAR transformer was called without encoder_hidden_states or txt_ids: "
                          "it needs the text length")
-    call = CallContext(text_len=text_len, grid=grid, teacher=state.teacher_depth > 0, capture=state.capture)
-    state.last_call = CallContext(text_len=text_len, grid=grid, teacher=call.teacher)  # no capture: holds no graph
+    layout = read_layout(img_ids, text_len, n_image)
+    grid = layout.target.shape
+    call = CallContext(text_len=text_len, grid=grid, teacher=state.teacher_depth > 0, capture=state.capture,
+                       layout=layout)
+    # For models whose blocks drop joint_attention_kwargs (FluxControlNetModel); no capture: holds no graph.
+    state.last_call = CallContext(text_len=text_len, grid=grid, teacher=call.teacher, layout=layout)
     jak = dict(a.get("joint_attention_kwargs") or {})  # a copy: the pipeline's dict may be shared (ControlNet)
     jak[CALL_KEY] = call
     # Keep the caller's layout: decorators such as diffusers' apply_lora_scale read joint_attention_kwargs by keyword.

@@ -161,6 +161,8 @@ def band_work(grid: tuple[int, int], text_len: int, window: int, down_factor: in
     return text_len * (text_len + h * w) + slots * (text_len + p) + img, img
 
 
+# over 80 lines: one CPU kernel whose steps share a dozen views of the same scratch buffers (bands, tiles, pads);
+# split, each step would take them all as arguments, and the hot loop would read across functions.
 def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, text_len: int, grid: tuple[int, int],
                    window: int, down_factor: int = 1, down_weight: torch.Tensor | None = None,
                    scale: float | None = None, tile: tuple[int, int] | None = None) -> torch.Tensor:

@@ -22,6 +22,7 @@ from torch import nn
 from clear_cli.attention.context import (
     FLUX_TRAIN_SEQ_LEN, Capture, ClearSettings, ClearState, geometry_pre_hook, proportional_scale,
 )
+from clear_cli.attention.layout import KERNEL_RULE, REFERENCE_RULES
 from clear_cli.attention.processors import ClearFluxAttnProcessor
 from clear_cli.attention import rope
 
@@ -33,9 +34,12 @@ __all__ = [
 STATE_ATTR = "_clear_state"
 
 
-def _transformer(model) -> nn.Module:
-    """The transformer of a pipeline, or the model itself when it holds FluxAttention modules."""
-    module = model if isinstance(model, nn.Module) else getattr(model, "transformer", None)
+SUPPORTED = ("FluxPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline, FluxFillPipeline, FluxControlNetPipeline "
+             "(and its img2img / inpaint variants), FluxKontextPipeline, or a FLUX "
+             "transformer with FluxAttention modules (FluxTransformer2DModel, FluxControlNetModel)")
+
+
+def _unwrap(module):
     # Wrappers (DDP / FSDP `.module`, torch.compile `._orig_mod`) call the inner model, which holds the hook.
     while isinstance(module, nn.Module):
         inner = module._modules.get("_orig_mod")
@@ -44,10 +48,33 @@ def _transformer(model) -> nn.Module:
         if inner is None:
             break
         module = inner
-    if not isinstance(module, nn.Module) or not attention_modules(module):
-        raise ValueError(f"expected a FluxPipeline or a FLUX transformer (with FluxAttention modules), "
-                         f"got {type(model).__name__}")
     return module
+
+
+def _transformer(model) -> nn.Module:
+    """The transformer of a pipeline, or the model itself when it holds FluxAttention modules."""
+    module = _unwrap(model if isinstance(model, nn.Module) else getattr(model, "transformer", None))
+    if not isinstance(module, nn.Module) or not attention_modules(module):
+        found = type(model).__name__
+        if type(model).__name__ == "FluxPriorReduxPipeline":
+            raise ValueError("linearize found a FluxPriorReduxPipeline, which has no transformer (it turns an image "
+                             "into prompt embeddings): linearize the FluxPipeline you pass its output to")
+        if not isinstance(model, nn.Module):
+            inner = getattr(model, "transformer", None)
+            found += f" whose transformer is {type(inner).__name__}" if inner is not None else " without a transformer"
+        raise ValueError(f"linearize found a {found} (no FluxAttention modules); it supports {SUPPORTED}")
+    return module
+
+
+def _controlnets(model) -> list[nn.Module]:
+    """The ControlNet(s) of a pipeline that hold FluxAttention (linearized with its transformer: same cost)."""
+    if isinstance(model, nn.Module):
+        return []
+    cn = _unwrap(getattr(model, "controlnet", None))
+    if not isinstance(cn, nn.Module):
+        return []
+    nets = list(cn.nets) if hasattr(cn, "nets") else [cn]  # FluxMultiControlNetModel holds several
+    return [_unwrap(n) for n in nets if attention_modules(_unwrap(n))]
 
 
 def attention_modules(transformer: nn.Module) -> list[nn.Module]:
@@ -68,7 +95,8 @@ def is_linearized(model) -> bool:
 
 
 def _settings(window: int, down_factor: int, backend: str, proportional_attention: bool,
-              train_seq_len: int | None, ntk_factor: float | None, log_scale_factor: float | None) -> ClearSettings:
+              train_seq_len: int | None, ntk_factor: float | None, log_scale_factor: float | None,
+              reference_rule: str = "global") -> ClearSettings:
     from clear_cli.attention import BACKENDS
 
     if isinstance(window, bool) or int(window) != window or window < 1:
@@ -87,14 +115,19 @@ def _settings(window: int, down_factor: int, backend: str, proportional_attentio
     c = (10.0 if down_factor > 1 else 1.0) if log_scale_factor is None else float(log_scale_factor)
     if not c > 0:
         raise ValueError(f"log_scale_factor must be > 0, got {log_scale_factor!r}")
-    return ClearSettings(window=int(window), down_factor=int(down_factor), backend=backend,
+    if reference_rule not in REFERENCE_RULES:
+        raise ValueError(f"reference_rule {reference_rule!r} is not one of {', '.join(REFERENCE_RULES)}")
+    if reference_rule != KERNEL_RULE and (backend != "reference" or down_factor > 1):
+        raise ValueError(f"reference_rule {reference_rule!r} is for measuring the choice: it runs on "
+                         f"backend='reference' with down_factor 1 only; use reference_rule='{KERNEL_RULE}'")
+    return ClearSettings(reference_rule=reference_rule, window=int(window), down_factor=int(down_factor), backend=backend,
                          proportional_attention=bool(proportional_attention), train_seq_len=n_train,
                          log_scale_factor=c, ntk_factor=None if ntk_factor is None else float(ntk_factor))
 
 
 def linearize(model, window: int = 16, down_factor: int = 1, backend: str = "auto", *,
               proportional_attention: bool = False, train_seq_len: int | None = None, ntk_factor: float | None = None,
-              log_scale_factor: float | None = None, keep_teacher: bool = False):
+              log_scale_factor: float | None = None, keep_teacher: bool = False, reference_rule: str = "global"):
     """Install CLEAR processors in every FluxAttention of `model` (a FluxPipeline or FLUX transformer); return it.
 
     window: circle radius in image tokens (16 px each for FLUX); down_factor: f > 1 adds (H/f)(W/f) pooled keys with
@@ -104,11 +137,20 @@ def linearize(model, window: int = 16, down_factor: int = 1, backend: str = "aut
     `train_seq_len` (default FLUX's 64*64 + 512), c = `log_scale_factor` (default 10 when down_factor > 1, as the
     authors' pooled checkpoints, else 1). ntk_factor: RoPE theta x factor on every axis (authors: 10 at high res).
     keep_teacher: keep frozen copies of the current image-branch projections for `teacher_mode` (distillation).
+    reference_rule: how a target sees its reference images (Kontext; `layout.REFERENCE_RULES`): `global` (every
+    backend) or, to measure the choice, `shared` / `own` (dense mask, small sizes only).
+    A pipeline's ControlNet (FluxControlNetPipeline) is linearized with the same settings.
     Calling it again replaces every setting; pooling weights survive when f is unchanged, teacher copies always.
     """
     transformer = _transformer(model)
     settings = _settings(window, down_factor, backend, proportional_attention, train_seq_len, ntk_factor,
-                         log_scale_factor)
+                         log_scale_factor, reference_rule)
+    for module in [transformer, *_controlnets(model)]:
+        _install(module, settings, keep_teacher and module is transformer)  # teacher_mode is the transformer's
+    return model
+
+
+def _install(transformer: nn.Module, settings: ClearSettings, keep_teacher: bool) -> None:
     modules = attention_modules(transformer)
     state: ClearState | None = getattr(transformer, STATE_ATTR, None)
     if state is None:
@@ -134,22 +176,25 @@ def linearize(model, window: int = 16, down_factor: int = 1, backend: str = "aut
         rope.restore_rope(transformer)
     else:
         rope.scale_rope(transformer, settings.ntk_factor)
-    return model
 
 
 def unlinearize(model):
     """Restore the processors (and RoPE) that were installed before `linearize`; a no-op on a stock model."""
-    transformer = _transformer(model)
+    for module in [_transformer(model), *_controlnets(model)]:
+        _uninstall(module)
+    return model
+
+
+def _uninstall(transformer: nn.Module) -> None:
     state: ClearState | None = getattr(transformer, STATE_ATTR, None)
     if state is None:
-        return model
+        return
     for attn, original in zip(attention_modules(transformer), state.originals):
         if isinstance(attn.processor, ClearFluxAttnProcessor):
             attn.set_processor(original)
     _remove_hook(transformer)
     rope.restore_rope(transformer)
     delattr(transformer, STATE_ATTR)
-    return model
 
 
 def _remove_hook(transformer: nn.Module) -> None:

@@ -1,7 +1,8 @@
 """The CLEAR attention processor for diffusers' FluxAttention (double- and single-stream blocks).
 
 It reproduces FluxAttnProcessor's math (projections, RMSNorm, added text projections in double blocks, RoPE via
-diffusers' apply_rotary_emb, the to_out / to_add_out split) and calls `clear_attention` for the attention itself.
+diffusers' apply_rotary_emb, the to_out / to_add_out split) and calls `layout.attend` (`clear_attention` on the call's
+token layout: reference images, as in Kontext, join the text as global tokens) for the attention itself.
 It is an nn.Module so that the pooling weights (down_factor f > 1) are parameters under the published checkpoints'
 key, `...attn.processor.spatial_weight` [1,1,1,f,1,f,1]. With `keep_teacher`, it also holds frozen copies of the
 original image-branch projections (non-persistent buffers) and, in a teacher pass, computes the original model
@@ -16,11 +17,14 @@ The same code path runs eager and compiled; on CPU under compile the tiled kerne
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clear_cli.attention.context import CallContext, ClearState, proportional_scale
+from clear_cli.attention.layout import KERNEL_RULE, TokenLayout, attend, layout_mask
 
 TEACHER_DOUBLE = ("to_q", "to_k", "to_v", "to_out.0")  # image branch of a double block
 TEACHER_SINGLE = ("to_q", "to_k", "to_v")  # single blocks have no to_out
@@ -155,29 +159,33 @@ class ClearFluxAttnProcessor(nn.Module):
     def _clear(self, attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None,
                call: CallContext | None) -> torch.Tensor:
-        from clear_cli.attention import clear_attention
-
         if call is None:
             raise ValueError("CLEAR processors read the token grid from the model's call (img_ids): call the "
                              "linearized transformer itself, not one attention module on its own")
         if attention_mask is not None:
             raise ValueError("CLEAR processors do not take an attention_mask (the CLEAR pattern is the mask)")
         s = self._state.settings
-        # Image tokens come last, so the text length is whatever precedes the grid; this also holds where a model
+        # Image tokens come last, so the text length is whatever precedes them; this also holds where a model
         # adds tokens of its own (ControlNet-Union prepends a mode token).
-        n, (h, w) = query.shape[1], call.grid
-        text_len = n - h * w
+        n, lay = query.shape[1], call.layout
+        text_len = n - lay.n_image
         if text_len < 0 or (encoder_hidden_states is not None and encoder_hidden_states.shape[1] != text_len):
-            raise ValueError(f"attention got {n} tokens, which do not end in the call's {h}x{w} = {h * w} image tokens"
-                             + ("" if encoder_hidden_states is None else
-                                f" after {encoder_hidden_states.shape[1]} text tokens"))
+            raise ValueError(f"attention got {n} tokens, which do not end in the call's {lay.n_image} image tokens "
+                             f"({lay.describe()})" + ("" if encoder_hidden_states is None else
+                                                      f" after {encoder_hidden_states.shape[1]} text tokens"))
+        if text_len != lay.text_len:
+            lay = dataclasses.replace(lay, text_len=text_len)
         scale = None
         if s.proportional_attention:
             scale = proportional_scale(n, s.train_seq_len, attn.head_dim, s.log_scale_factor)
         down_weight = self.spatial_weight if s.down_factor > 1 else None
-        out = clear_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                              text_len=text_len, grid=call.grid, window=s.window, down_factor=s.down_factor,
-                              down_weight=down_weight, scale=scale, backend=s.backend)
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        if lay.references and s.reference_rule != KERNEL_RULE:
+            return _measured_rule(q, k, v, lay, s.window, s.reference_rule, scale).transpose(1, 2)
+        # The `global` rule: reference tokens join the text in front of the target grid (layout.py), so every
+        # backend runs its plain text + grid path; the permutation is undone on the output.
+        out = attend(q, k, v, lay, window=s.window, down_factor=s.down_factor, down_weight=down_weight,
+                     scale=scale, backend=s.backend)
         return out.transpose(1, 2)
 
     def _record(self, call: CallContext | None, value) -> None:
@@ -187,3 +195,16 @@ class ClearFluxAttnProcessor(nn.Module):
             return
         call.recorded.add(self.index)
         cap.outputs[self.index] = value()
+
+
+def _measured_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, window: int, rule: str,
+                   scale: float | None) -> torch.Tensor:
+    """A reference rule other than `global` (layout.py), on the dense mask: for measuring the choice only."""
+    from clear_cli.attention.geometry import default_scale
+    from clear_cli.attention.reference import MAX_REFERENCE_TOKENS
+
+    if q.shape[2] > MAX_REFERENCE_TOKENS:
+        raise ValueError(f"reference rule {rule!r} builds an N x N mask; {q.shape[2]} tokens is too many "
+                         f"(max {MAX_REFERENCE_TOKENS}); use reference_rule='global'")
+    mask = layout_mask(layout, window, rule, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=default_scale(q.shape[-1], scale))

@@ -1,24 +1,18 @@
-"""`clear distill RECIPE.yaml`: attention-only distillation (thin over `clear_cli.distill`)."""
+"""`clear distill RECIPE.yaml`: attention-only distillation (thin over `clear_cli.distill`; options from
+DistillConfig)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
+from clear_cli.cli.options import config_command, progress_option
+from clear_cli.jobs.distill import DistillConfig
 
-def distill(
-    recipe: Path = typer.Argument(..., metavar="RECIPE.yaml", help="Recipe YAML, e.g. recipes/tiny.yaml or recipes/flux_dev.yaml."),
-    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a recipe key: --set train.steps=100 (repeatable)."),
-    resume: str = typer.Option(None, "--resume", metavar="auto|PATH", help="auto (latest checkpoint in --out, else start) or a "
-                                                      "checkpoint directory OUT/checkpoints/step_N."),
-    out: Path = typer.Option(None, "--out", metavar="DIR", help="Output directory (default: the recipe's `out`, else out/distill)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete a previous run in --out and start over."),
-    device: str = typer.Option("auto", "--device", metavar="auto|cpu", help="auto (accelerate's choice) or cpu."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar (main process only)."),
-    compile: str = typer.Option(None, "--compile", metavar="auto|on|off", help="torch.compile of the FLUX blocks: "
-                                "auto (CUDA, from 2K up), on or off (default: the recipe's `compile`)."),
-) -> None:
+
+@config_command(DistillConfig, arguments={"recipe": "RECIPE.yaml"}, required=("recipe",), names={"sets": "--set"},
+                metavars={"sets": "KEY=VALUE", "resume": "auto|PATH", "out": "DIR", "compile": "auto|on|off"},
+                extras=progress_option())
+def distill(cfg: DistillConfig, progress: bool) -> None:
     """Train the attention projections of a CLEAR-linearized model to match the original (teacher) model.
 
     Runs as is on one device, or on many with `accelerate launch -m clear_cli distill RECIPE.yaml`. Writes
@@ -26,18 +20,9 @@ def distill(
     """
     from clear_cli.jobs.distill import distill as run
 
-    if compile is not None:
-        from clear_cli.models.compile import check_compile
-
-        set_ = [*set_, f"compile={check_compile(compile)}"]
-    result = run(recipe, overrides=list(set_), out=out, resume=resume, overwrite=overwrite, device=device,
-                 progress=progress)
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
+    result = run(cfg, progress=progress, log=print)
+    if not result.is_main:
         return
-    for note in result.notes:
-        print(f"note: {note}")
     last = result.log[-1] if result.log else None
     ran = result.steps - result.start_step
     print(f"distilled {result.steps} steps ({ran} in this run) in {result.seconds:.1f} s; "

@@ -1,78 +1,40 @@
-"""`clear eval`: quality and speed of linearized students against their teacher (thin over clear_cli.evaluate)."""
+"""`clear eval`: quality and speed of linearized students against their teacher (thin over clear_cli.evaluate;
+options from EvalConfig)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import typer
 
-from clear_cli.cli.model import MODEL_HELP
-from clear_cli.flux import DEFAULT_MODEL, default_text
+from clear_cli.cli.options import Extra, config_command, progress_option
+from clear_cli.jobs.evaluate import EvalConfig
 
 
-def eval_cmd(
-    student: list[Path] = typer.Option(..., "--student", metavar="FILE", help="Student attention weights (.safetensors); repeat "
-                                       "for several (r = 8, 16, 32 side by side)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help=MODEL_HELP),
-    prompts: str = typer.Option(None, "--prompts", help="coco (COCO-2014-val captions), tiny (held-out tiny scene "
-                                "captions), builtin, or a FILE. [default: coco; tiny models: tiny]"),
-    n: int = typer.Option(5000, "--n", help="Number of prompts (images per model)."),
-    res: str = typer.Option(None, "--res", help="1k|2k|WxH|one number (default: the model's base, "
-                            f"{default_text('base_res', flux='1k')})."),
-    steps: int = typer.Option(None, "--steps", help=f"Denoising steps (default {default_text('steps')})."),
-    guidance: float = typer.Option(3.5, "--guidance", help="Guidance of teacher and students."),
-    seed: int = typer.Option(0, "--seed", help="Seed of prompt 0; prompt i uses seed + i."),
-    out: Path = typer.Option(Path("eval"), "--out", help="Folder for cached images, eval.json, report.html, grid.png."),
-    metrics: str = typer.Option(None, "--metrics", help="Comma list of fid,clip,lpips,ssim,psnr,dino,speed "
-                                "(default all; hub networks that cannot be loaded are then skipped)."),
-    ref_images: Path = typer.Option(None, "--ref-images", help="Folder of real images for FID against them."),
-    inception_weights: Path = typer.Option(None, "--inception-weights", help="Local FID Inception .safetensors."),
-    clip_model: str = typer.Option(None, "--clip-model", help="CLIP hub id or local dir "
-                                   "(default openai/clip-vit-large-patch14)."),
-    dino_model: str = typer.Option(None, "--dino-model", help="DINO hub id or local dir (default facebook/dinov2-base)."),
-    lpips_weights: Path = typer.Option(None, "--lpips-weights", help="Local LPIPS network .safetensors."),
-    window: int = typer.Option(None, "--window", help="Window radius for students whose file does not say it."),
-    cascade: bool = typer.Option(False, "--cascade", help="CLEAR SDEdit cascade vs the full-attention cascade at "
-                                 "--res (e.g. --res 2k): SSIM/PSNR/LPIPS and time."),
-    coco_captions: Path = typer.Option(None, "--coco-captions", help="COCO captions_val2014.json "
-                                       "(default ~/.cache/clear/coco/annotations/captions_val2014.json)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
-    backend: str = typer.Option("auto", "--backend", help="CLEAR attention backend: auto, reference, tiled, flex or "
-                                 "triton (CUDA)."),
-    compile: str = typer.Option("auto", "--compile", help="torch.compile of the FLUX blocks: auto (CUDA, from 2K "
-                                "up), on or off."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Images per batch when computing metrics."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redraw every image instead of reusing the cache."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of the table."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars or log lines."),
-) -> None:
+@config_command(EvalConfig, aliases={"weights": ["--student"]}, metavars={"weights": "FILE"},
+                extras=[Extra("as_json", bool, False, ("--json",), "Print the result as JSON instead of the table."),
+                        *progress_option()])
+def eval_cmd(cfg: EvalConfig, as_json: bool, progress: bool) -> None:
     """Draw teacher and student images (same prompts and seeds, cached and resumable; split over processes under
-    `accelerate launch`), then report FID, CLIP, DINO, LPIPS, SSIM, PSNR, seconds per image and attention FLOPs."""
+    `accelerate launch`), then report FID, CLIP, DINO, LPIPS, SSIM, PSNR, seconds per image and attention FLOPs.
+
+    Example: clear eval --weights out/clear_attn.safetensors --model tiny --n 16
+    """
     import sys
 
     from clear_cli.jobs.evaluate import evaluate
 
     def log(msg: str) -> None:
-        if not quiet:
+        if progress:
             print(msg, file=sys.stderr)
 
-    opt = lambda p: None if p is None else str(p)  # noqa: E731
-    result = evaluate(
-        [str(s) for s in student], model=model, prompts=prompts, n=n, res=res, steps=steps, guidance=guidance,
-        seed=seed, out=str(out), metrics=metrics, ref_images=opt(ref_images), inception_weights=opt(inception_weights),
-        clip_model=clip_model, dino_model=dino_model, lpips_weights=opt(lpips_weights), window=window,
-        cascade=cascade, coco_captions=opt(coco_captions), device=device, dtype=dtype, backend=backend,
-        compile=compile, batch_size=batch_size, overwrite=overwrite, log=log, progress=not quiet,
-    )
-    if result is None:  # a non-main process under accelerate
+    result = evaluate(cfg, log=log, progress=progress)
+    if not result.is_main:  # a non-main process under accelerate
         return
     if as_json:
-        print(json.dumps(result, indent=1))
+        print(json.dumps(result.data, indent=1))
     else:
-        print_table(result)
-        print(f"report: {out / result['report']}   grid: {out / result['grid']}   json: {out / 'eval.json'}")
+        print_table(result.data)
+        print(f"report: {result.report}   grid: {result.grid}   json: {result.out / 'eval.json'}")
 
 
 def print_table(result: dict, console=None) -> None:

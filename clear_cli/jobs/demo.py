@@ -6,7 +6,7 @@
 
 Five stages, each through the Python API of its command (no subprocesses), each writing under OUT:
 
-    synth    the tiny teacher draws `samples` scenes at `res` px          OUT/synth/
+    synth    the tiny teacher draws `n` scenes at `res` px          OUT/synth/
     distill  recipes/tiny.yaml (+ the demo's `--set` overrides)            OUT/distill/clear_attn.safetensors
     eval     teacher vs CLEAR before (zero-shot) and after distillation    OUT/eval/report.html, eval.json
              on held-out prompts, same seeds                               (zero-shot file: OUT/weights/)
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clear_cli.config import doc, non_finite
+from clear_cli.config import doc, merge_options
 from clear_cli.errors import ClearError, UsageError
 from clear_cli.files import OutLock, atomic_write_text, check_out_dir, foreign_entries, remove_owned
 from clear_cli.flux import PIXELS_PER_TOKEN, TINY_MODELS
@@ -57,7 +57,7 @@ class DemoConfig:
     out: str = doc("out/demo", "output folder; rerun the same command to resume")
     model: str = doc("tiny", "tiny (the built-in FLUX that draws shapes) or tiny-random (plumbing checks only)")
     res: int = doc(128, "size in pixels of the synth data, distillation and eval (the tiny model's own: 128)")
-    samples: int = doc(96, "scenes the teacher draws for distillation")
+    n: int = doc(96, "scenes the teacher draws for distillation")
     synth_steps: int = doc(12, "denoising steps per synth image")
     window: int = doc(2, "CLEAR window radius in tokens (2 on tiny's 8x8 grid: 9 of 64 image keys, enough to hurt)")
     distill_steps: int = doc(300, "distillation optimizer steps (batch 8, as recipes/tiny.yaml)")
@@ -84,7 +84,7 @@ class DemoConfig:
             bad.append(f"--res {self.res}: must be a multiple of 16, at least 32")
         if self.gen_res < self.res or self.gen_res % 16:
             bad.append(f"--gen-res {self.gen_res}: must be a multiple of 16, at least --res ({self.res})")
-        for name in ("samples", "synth_steps", "window", "distill_steps", "eval_n", "eval_steps", "lora_rank"):
+        for name in ("n", "synth_steps", "window", "distill_steps", "eval_n", "eval_steps", "lora_rank"):
             if getattr(self, name) < 1:
                 bad.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if self.eval_n < 2:
@@ -152,20 +152,15 @@ def teacher_fingerprint(model: str) -> str:
 
 
 def identity(cfg: DemoConfig) -> dict:
-    """The settings that shape the results; a resume must match them."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IDENTITY}
+    """The settings that shape the results; a resume must match them (`n` keeps its old key, `samples`)."""
+    return {("samples" if k == "n" else k): v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IDENTITY}
 
 
 def _coerce(config: DemoConfig | None, options: dict) -> DemoConfig:
-    try:
-        cfg = dataclasses.replace(config or DemoConfig(), **options)
-    except TypeError as e:
-        raise UsageError(f"demo(): {e}") from None
-    cfg.out = str(cfg.out)
-    if cfg.recipe is not None:
-        cfg.recipe = str(cfg.recipe)
-    cfg.sets = list(cfg.sets)
-    problems = cfg.validate() + non_finite(cfg)
+    if "samples" in options:  # the name before 0.2
+        options["n"] = options.pop("samples")
+    cfg = merge_options(DemoConfig, config, options, job="demo")
+    problems = cfg.validate()
     if problems:
         raise UsageError("; ".join(problems))
     return cfg
@@ -223,7 +218,15 @@ def _open_out(cfg: DemoConfig) -> _State:
 # --------------------------------------------------------------------------------------------- the runner
 
 class _Demo:
-    """The five stages over one OUT; constructing it checks the recipe and overrides without writing anything."""
+    """The five stages over one OUT, in the order `demo()` runs them; constructing it checks the recipe and
+    overrides without writing anything. Each stage is skipped when its recorded outputs are still there.
+
+    synth     the teacher draws --n scenes at --res px, --synth-steps steps, seeded --seed (clear_cli.synth)
+    distill   --distill-steps steps of recipes/tiny.yaml (--recipe, --set), checkpoints every --checkpoint-every
+    evaluate  teacher vs zero-shot CLEAR vs distilled CLEAR on --eval-n held-out prompts, --eval-steps steps
+    export    the distilled weights as a rank --lora-rank LoRA
+    generate  one image at --gen-res px (a cascade from --res) with the LoRA and zero-shot, each vs full attention
+    """
 
     def __init__(self, cfg: DemoConfig, say: Log, progress: bool):
         self.cfg, self.say, self.progress = cfg, say, progress
@@ -291,7 +294,7 @@ class _Demo:
     # -- 1. synth -----------------------------------------------------------------------------------------
     def synth(self) -> dict:
         c = self.cfg
-        opts = dict(model=c.model, prompts=str(self.train_prompts), n=c.samples, res=str(c.res),
+        opts = dict(model=c.model, prompts=str(self.train_prompts), n=c.n, res=str(c.res),
                     steps=c.synth_steps, seed=c.seed, out=str(self.synth_dir), batch_size=4, device=c.device)
 
         def manifest_sha() -> str | None:
@@ -316,7 +319,7 @@ class _Demo:
             return {"dataset": str(self.synth_dir), "manifest_sha256": manifest_sha(),
                     "images_per_s": round(r.images_per_s, 3)}
 
-        return self.stage(1, "synth", f"the {c.model} teacher draws {c.samples} scenes at {c.res} px "
+        return self.stage(1, "synth", f"the {c.model} teacher draws {c.n} scenes at {c.res} px "
                           f"({c.synth_steps} steps)", {"synth": opts}, check, run)
 
     # -- 2. distill ---------------------------------------------------------------------------------------
@@ -338,7 +341,7 @@ class _Demo:
             from clear_cli.jobs.distill import distill, list_checkpoints
 
             cont = resume and bool(list_checkpoints(self.distill_dir))
-            r = distill(str(self.recipe), overrides=sets, out=str(self.distill_dir),
+            r = distill(str(self.recipe), sets=sets, out=str(self.distill_dir),
                         resume="auto" if cont else None, overwrite=not cont and self.distill_dir.exists(),
                         device="cpu" if c.device == "cpu" else "auto", progress=self.progress)
             last = r.log[-1] if r.log else {}
@@ -408,7 +411,7 @@ class _Demo:
         def run(resume: bool) -> dict:
             from clear_cli.jobs.export import export
 
-            r = export(str(self.distilled), "lora", rank=c.lora_rank, model=c.model, out=str(self.lora),
+            r = export(str(self.distilled), format="lora", rank=c.lora_rank, model=c.model, out=str(self.lora),
                        overwrite=True, device="cpu" if c.device == "cpu" else "auto", progress=self.progress)
             for line in r.summary_lines():
                 self.say(f"      {line}")
@@ -473,7 +476,7 @@ def summarize(cfg: DemoConfig, out: Path, ev: dict, ex: dict, gen: dict, runs: l
         f"# clear demo: {cfg.model} FLUX, CLEAR window r={cfg.window} on its {grid}x{grid} token grid",
         "",
         f"Eval: {ev['n']} held-out prompts at {ev['width']}x{ev['height']}, {ev['steps']} steps, prompt i with "
-        f"seed {ev['seed']}+i for every model. Distilled {cfg.distill_steps} steps on {cfg.samples} scenes the "
+        f"seed {ev['seed']}+i for every model. Distilled {cfg.distill_steps} steps on {cfg.n} scenes the "
         "teacher drew.",
         "",
         "| model | PSNR vs teacher (dB) | SSIM vs teacher | s / image | attention FLOPs vs teacher |",

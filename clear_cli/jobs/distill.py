@@ -1,7 +1,7 @@
 """`clear distill`: train only the attention projections of a linearized FLUX to match the original (DESIGN.md §4).
 
     import clear_cli
-    result = clear_cli.distill("recipes/tiny.yaml", overrides=["train.steps=50"], out="out/d")
+    result = clear_cli.distill("recipes/tiny.yaml", sets=["train.steps=50"], out="out/d")
     # result.weights -> out/d/clear_attn.safetensors (load with `clear gen --weights ...`)
 
 One transformer serves as teacher and student: `linearize(..., keep_teacher=True)` keeps frozen copies of the
@@ -34,12 +34,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from clear_cli.config import apply_overrides, to_dict
+from clear_cli.config import apply_overrides, doc, merge_options, to_dict
 from clear_cli.errors import ClearError, UsageError
 from clear_cli.extras import available, install_line, require
 from clear_cli.files import (OutLock, atomic_dir, atomic_write_text, owned_present, remove_owned, save_png,
                              save_safetensors)
 from clear_cli.flux import BASE_RES, PIXELS_PER_TOKEN
+from clear_cli.logs import Log, sayer
 from clear_cli.training.recipe import (
     Recipe, problem_text, recipe_data, recipe_hash, recipe_problems, resume_differences,
 )
@@ -56,8 +57,25 @@ LOSS_TERMS = ("fm", "pred", "attn")
 
 
 @dataclass
+class DistillConfig:
+    """One `clear distill` run: the recipe and how to run it; each field is the CLI option of the same name.
+    The recipe's own keys change through `sets` (`train.steps=100`), as in the YAML."""
+
+    recipe: str | None = doc(None, "recipe YAML, e.g. recipes/tiny.yaml or recipes/flux_dev.yaml (Python: also a "
+                                   "Recipe or a mapping)")
+    sets: list[str] = doc([], "override a recipe key, e.g. train.steps=100 (repeatable)")
+    out: str | None = doc(None, "output directory (default: the recipe's `out`, else out/distill)")
+    resume: str | None = doc(None, "auto (latest checkpoint in --out, else start) or a checkpoint directory "
+                                   "OUT/checkpoints/step_N")
+    overwrite: bool = doc(False, "delete a previous run in --out and start over")
+    device: str = doc("auto", "auto (accelerate's choice), cpu or cuda")
+    compile: str | None = doc(None, "torch.compile of the FLUX blocks: auto (CUDA, from 2K up), on or off (default: "
+                                    "the recipe's `compile`)")
+
+
+@dataclass
 class DistillResult:
-    """What a run did (on the main process; other ranks get the same losses)."""
+    """What a run did (every process gets one with the same losses; `is_main` on the one that reports)."""
 
     out: Path
     weights: Path | None
@@ -68,6 +86,7 @@ class DistillResult:
     trainable_params: int = 0
     teacher_copy_bytes: int = 0
     notes: list[str] = field(default_factory=list)
+    is_main: bool = True
 
 
 # --------------------------------------------------------------------------------------------- small helpers
@@ -368,7 +387,19 @@ def check_accumulation(acc, recipe: Recipe) -> None:
 
 
 class Distiller:
-    """One distillation run: model, data, optimizer, checkpoints and logs. `run()` trains to recipe.train.steps."""
+    """One distillation run; `distill()` calls the steps in this order (recipe keys in brackets, docs in
+    recipes/flux_dev.yaml):
+
+    load_model         the teacher, linearized with frozen teacher copies [model, window, down_factor, resolution],
+                       gradient checkpointing [train.gradient_checkpointing], the attention-loss layers [loss.attn_layers]
+    encode_validation  the validation prompts, encoded once [validation.prompts]
+    setup              optimizer and schedule [train.optimizer, lr, schedule, warmup_steps], data loader over the synth
+                       set [data, train.batch_size, gradient_accumulation], accelerate's prepare (DDP/DeepSpeed/FSDP)
+    prepare_out        --overwrite / --resume in --out; the resolved recipe.yaml
+    run                train_step per step (loss = fm + pred + attn terms [loss.*]), log.jsonl, trackers
+                       [report_to], checkpoints [checkpoint.every, keep], validation images [validation.every],
+                       then the weights file (save_weights)
+    """
 
     def __init__(self, p: _Plan, accelerator, *, progress: bool = True, pipe=None):
         self.p = p
@@ -685,7 +716,8 @@ class Distiller:
         self.acc.wait_for_everyone()
         return DistillResult(out=self.out, weights=weights, steps=final, start_step=start, log=log,
                              seconds=time.perf_counter() - t0, trainable_params=self.trainable_count,
-                             teacher_copy_bytes=self.teacher_bytes, notes=self.notes)
+                             teacher_copy_bytes=self.teacher_bytes, notes=self.notes,
+                             is_main=self.acc.is_main_process)
 
     def save_weights(self, steps: int) -> Path | None:
         """OUT/clear_attn.safetensors: trained tensors under the transformer's own keys + metadata (DESIGN.md §7)."""
@@ -716,17 +748,31 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def distill(recipe: str | Path | Recipe | dict | None = None, *, overrides: list[str] | None = None,
-            out: str | Path | None = None, resume: str | Path | None = None, overwrite: bool = False,
-            device: str = "auto", progress: bool = True, pipe=None) -> DistillResult:
+def distill(config: DistillConfig | str | Path | Recipe | dict | None = None, *, log: Log | None = None,
+            progress: bool = True, pipe=None, **options: Any) -> DistillResult:
     """Distil CLEAR attention into a FLUX model from a recipe (a YAML path, a Recipe or a mapping).
 
-    overrides: `key=value` strings (`train.steps=100`); out: output directory (else the recipe's `out`);
-    resume: None (fresh; refuses a used --out), "auto" (latest checkpoint in out, else fresh) or a checkpoint
-    directory; overwrite: delete a previous run in out first; device: auto|cpu (cpu forces CPU even with CUDA);
-    pipe: an already loaded pipeline of the recipe's model (tests). Under `accelerate launch`, every process
-    calls it. Bad input raises one UsageError naming every problem before anything is written.
+    `config` or keyword `options` (DistillConfig fields); a recipe in place of `config` is `recipe`
+    (`distill("recipes/tiny.yaml", sets=["train.steps=50"], out="out/d")`). sets: `key=value` recipe overrides
+    (`overrides=` before 0.2); out: output directory (else the recipe's `out`); resume: None (fresh; refuses a used
+    --out), "auto" (latest checkpoint in out, else fresh) or a checkpoint directory; overwrite: delete a previous
+    run in out first; device: auto|cpu|cuda (cpu forces CPU even with CUDA); compile: auto|on|off over the
+    recipe's; pipe: an already loaded pipeline of the recipe's model (tests); log: the notes, as lines. Under
+    `accelerate launch`, every process calls it. Bad input raises one UsageError naming every problem before
+    anything is written.
     """
+    if "overrides" in options:  # the keyword before 0.2
+        options["sets"] = options.pop("overrides")
+    if config is not None and not isinstance(config, DistillConfig):
+        options["recipe"] = config
+        config = None
+    cfg = merge_options(DistillConfig, config, options, job="distill")
+    sets = list(cfg.sets)
+    if cfg.compile is not None:
+        from clear_cli.models.compile import check_compile
+
+        sets.append(f"compile={check_compile(cfg.compile)}")
+    recipe, out, resume, overwrite, device = cfg.recipe, cfg.out, cfg.resume, cfg.overwrite, cfg.device
     from accelerate import PartialState
 
     if device not in ("auto", "cpu", "cuda"):
@@ -736,7 +782,7 @@ def distill(recipe: str | Path | Recipe | dict | None = None, *, overrides: list
         os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     # Without CUDA, processes started by torchrun / accelerate only form a (gloo) group when told to use the CPU.
     n_proc = PartialState(cpu=cpu).num_processes if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 1
-    p = plan(recipe, overrides=overrides, out=out, resume=resume, overwrite=overwrite, num_processes=n_proc)
+    p = plan(recipe, overrides=sets, out=out, resume=resume, overwrite=overwrite, num_processes=n_proc)
     _check_device(p.recipe, device, cpu)
     main = n_proc == 1 or PartialState(cpu=cpu).is_main_process
     with OutLock(p.out, "distill") if main else contextlib.nullcontext():
@@ -769,6 +815,10 @@ def _distill(p: _Plan, device: str, cpu: bool, progress: bool, pipe) -> DistillR
     run.encode_validation()
     run.setup()
     run.prepare_out()
-    return run.run()
+    result = run.run()
+    say = sayer(log) if result.is_main else sayer(None)
+    for note in result.notes:
+        say(f"note: {note}")
+    return result
 
 

@@ -42,11 +42,11 @@ import random
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clear_cli.config import check_finite, doc
+from clear_cli.config import doc, merge_options
 from clear_cli.errors import UsageError
 from clear_cli.files import OutLock, atomic_write_text, save_png
 from clear_cli.flux import DEFAULT_MODEL, default_text, is_tiny, model_defaults
@@ -63,8 +63,10 @@ TEACHER_DIR = "teacher"
 
 @dataclass
 class EvalConfig:
-    """Everything `clear eval` takes besides the student files (CLI options map 1:1)."""
+    """Everything `clear eval` takes; each field is the CLI option of the same name (clear_cli/cli/options.py)."""
 
+    weights: list[str] = doc([], "student attention weights (.safetensors or REPO:FILE); several are compared side "
+                                 "by side (r = 8, 16, 32)")
     model: str = doc(DEFAULT_MODEL, "hub id, local diffusers dir, tiny or tiny-random")
     prompts: str | None = doc(None, "coco (5,000 COCO-2014-val captions), tiny (captions of held-out tiny scenes), "
                                     "builtin, or a .txt/.jsonl/.csv file (default: coco; tiny for the tiny models)")
@@ -214,7 +216,7 @@ def load_students(files: Sequence[str | os.PathLike], pipe, window: int | None, 
     from clear_cli.models.weights import load_attention_weights, materialize, resolve_geometry
 
     if not files:
-        raise UsageError("no student given", "pass --student FILE (e.g. out/clear_attn.safetensors)")
+        raise UsageError("no student given", "pass --weights FILE (e.g. out/clear_attn.safetensors)")
     students: list[Student] = []
     names: set[str] = set()
     for f in files:
@@ -404,138 +406,198 @@ def _validate(cfg: EvalConfig) -> None:
     check_compile(cfg.compile)
 
 
-def evaluate(students: str | Sequence[str | os.PathLike], config: EvalConfig | None = None, *,
-             pipe=None, log: Log | None = None, progress: bool = True, **options: Any) -> dict | None:
-    """Evaluate student attention files against their teacher; returns the result dict (module docstring).
+@dataclass
+class EvalResult:
+    """What `evaluate` measured: `data` is the eval.json record (module docstring); `result["students"]` etc.
+    read it as before. Under `accelerate launch` every process gets one; only the main one has `data`."""
 
-    `config` or keyword `options` (EvalConfig fields: model, prompts, n, res, steps, out, metrics, ...).
-    `pipe`: an already loaded pipeline for `model`. `log`: receives progress lines. Under `accelerate launch`
-    non-main processes draw their share and return None.
+    out: Path
+    data: dict = field(default_factory=dict)
+    is_main: bool = True
+
+    @property
+    def report(self) -> Path | None:
+        return self.out / self.data["report"] if "report" in self.data else None
+
+    @property
+    def grid(self) -> Path | None:
+        return self.out / self.data["grid"] if "grid" in self.data else None
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+
+def evaluate(config: EvalConfig | str | Sequence[str | os.PathLike] | None = None, *, log: Log | None = None,
+             progress: bool = True, pipe=None, **options: Any) -> EvalResult:
+    """Evaluate student attention files against their teacher; returns an EvalResult (module docstring).
+
+    `config` or keyword `options` (EvalConfig fields: weights, model, prompts, n, res, steps, out, metrics, ...);
+    a file or list of files in place of `config` is `weights`. `pipe`: an already loaded pipeline for `model`.
+    `log`: receives progress lines. Under `accelerate launch` every process draws its share; the main one computes
+    the metrics (`is_main`).
     """
-    try:
-        cfg = dataclasses.replace(config or EvalConfig(), **options)
-    except TypeError as e:
-        raise UsageError(f"evaluate(): {e}") from None
-    check_finite(cfg)
-    from accelerate import PartialState
-
-    with OutLock(Path(cfg.out).expanduser(), "eval") if PartialState().is_main_process else contextlib.nullcontext():
-        return _evaluate(students, cfg, pipe=pipe, log=log, progress=progress)
-
-
-def _evaluate(students, cfg: EvalConfig, *, pipe, log: Log | None, progress: bool) -> dict | None:
-    say = sayer(log)
-
-    warn = warner(log)
-
-    if cfg.prompts is None:
-        cfg = dataclasses.replace(cfg, prompts=default_prompts(cfg.model))
-    _validate(cfg)
-    from clear_cli.metrics import parse_metrics
-
-    metrics, explicit = parse_metrics(cfg.metrics)
-    files = [students] if isinstance(students, (str, os.PathLike)) else list(students)
-    for f in files:  # before loading anything heavy
-        if ":" not in str(f) and not Path(f).expanduser().is_file():
-            raise UsageError(f"student file {f} not found", "pass the .safetensors file that clear distill wrote")
-    from clear_cli.resolution import parse_res
-
-    defaults = model_defaults(cfg.model)
-    width, height = parse_res(cfg.res, "--res") if cfg.res is not None else (defaults.base_res,) * 2
-    steps = cfg.steps or defaults.steps
-    prompts = resolve_prompts(cfg.prompts, cfg.n, cfg.coco_captions)
+    if "students" in options:  # the keyword of the first argument before 0.2
+        options["weights"] = options.pop("students")
+    cfg = merge_options(EvalConfig, config, options, job="evaluate", primary="weights")
     out = Path(cfg.out).expanduser()
-
     from accelerate import PartialState
 
-    from clear_cli.devices import resolve_device
-    from clear_cli.models import load_pipeline
+    with OutLock(out, "eval") if PartialState().is_main_process else contextlib.nullcontext():
+        data = _evaluate(cfg, pipe, log, progress)
+    return EvalResult(out=out, data=data or {}, is_main=data is not None)
 
-    state = PartialState()
-    device = state.device if state.num_processes > 1 else resolve_device(cfg.device)
-    from clear_cli.models import fit
 
-    fit.check_eval(cfg, device, width, height, metrics)  # sampling + metric networks fit, before any drawing
-    from clear_cli.attention.kernels import check_backend
-
-    try:
-        check_backend(cfg.backend, device)   # e.g. triton without CUDA
-    except ValueError as e:
-        raise UsageError(f"--backend: {e}") from None
-    # Metric networks first: a bad local path should fail before minutes of drawing.
-    nets = None
-    if state.is_main_process:
-        from transformers.utils import logging as tlog
-
-        tlog.disable_progress_bar()
-        from clear_cli.metrics import load_networks
-
-        nets = load_networks([m for m in metrics if m != "fid" or not cfg.cascade], explicit=explicit,
-                             device=device, inception_weights=cfg.inception_weights, clip_model=cfg.clip_model,
-                             dino_model=cfg.dino_model, lpips_weights=cfg.lpips_weights, warn=warn)
-    if pipe is None:
-        pipe = load_pipeline(cfg.model, device=str(device), dtype=cfg.dtype)
-    from clear_cli.models.compile import compile_transformer
-
-    compile_transformer(pipe, cfg.compile, warn=warn)  # stays on the pipeline (gen's cascade inside keeps it)
-    studs = load_students(files, pipe, cfg.window, cfg.backend, cfg.model, warn)
-    if cfg.cascade:
-        return _evaluate_cascade(cfg, pipe, studs, prompts, metrics, nets, state, out, (width, height), say, warn,
-                                 progress)
-
-    settings = {"model": cfg.model, "width": width, "height": height, "steps": steps, "guidance": cfg.guidance,
-                "seed": cfg.seed, "dtype": str(pipe.transformer.dtype).replace("torch.", ""), "prompts": prompts}
-    if state.is_main_process:
-        _check_record(out / TEACHER_DIR / "settings.json", settings, "teacher images", cfg.overwrite)
-        for st in studs:
-            _check_record(out / st.folder / "settings.json",
-                          {**settings, "student_sha256": st.weights.sha256, "window": st.window,
-                           "down_factor": st.down_factor}, f"images of student {st.name}", cfg.overwrite)
-    state.wait_for_everyone()
-    mine = list(range(state.process_index, cfg.n, state.num_processes))
-    kw = dict(width=width, height=height, steps=steps, guidance=cfg.guidance, seed=cfg.seed,
-              progress=progress and state.is_local_main_process, overwrite=cfg.overwrite)
-    say(f"drawing {len(mine)} of {cfg.n} images per model at {width}x{height}, {steps} steps "
-        f"({state.num_processes} process(es)); cached in {out}")
-    _record_times(out / TEACHER_DIR, state.process_index,
-                  _draw(pipe, prompts, mine, out / TEACHER_DIR, label="teacher", **kw))
-    for st in studs:
-        with _Swap(pipe, st, cfg.backend):
-            t = _draw(pipe, prompts, mine, out / st.folder, label=f"student {st.name}", **kw)
-        _record_times(out / st.folder, state.process_index, t)
-    state.wait_for_everyone()
-    if not state.is_main_process:
+def _evaluate(cfg: EvalConfig, pipe, log: Log | None, progress: bool) -> dict | None:
+    """The eval.json record (None on processes other than the main one)."""
+    run = _Evaluation(cfg, log, progress)
+    run.check()
+    run.setup(pipe)
+    if run.cfg.cascade:
+        return _evaluate_cascade(run.cfg, run.pipe, run.studs, run.prompts, run.metrics, run.nets, run.state,
+                                 run.out, (run.width, run.height), run.say, run.warn, progress)
+    run.draw()
+    if not run.state.is_main_process:
         return None
+    return run.measure()
 
-    from clear_cli.metrics import FID_SMALL_N, PSNR_CAP_DB
 
-    teacher, rows = _compute(out, cfg.n, prompts, studs, metrics, nets, cfg, (width, height), say, progress)
-    t_pairs, t_flops = _attention_cost(pipe, width, height, steps, None)
-    t_times = _read_times(out / TEACHER_DIR, cfg.n)
-    t_spi = sum(t_times) / len(t_times) if t_times and "speed" in metrics else None
-    teacher.update(seconds_per_image=t_spi, attn_tflops_per_image=t_flops / 1e12, attn_pairs_per_layer=t_pairs)
-    student_rows = []
-    for st, row in zip(studs, rows):
-        pairs, flops = _attention_cost(pipe, width, height, steps, st.window, st.down_factor)
-        times = _read_times(out / st.folder, cfg.n)
-        spi = sum(times) / len(times) if times and "speed" in metrics else None
-        student_rows.append({
-            "name": st.name, "file": str(st.file), "sha256": st.weights.sha256, "window": st.window,
-            "down_factor": st.down_factor, "folder": st.folder, **row,
-            "seconds_per_image": spi, "speedup": (t_spi / spi) if spi and t_spi else None,
-            "attn_tflops_per_image": flops / 1e12, "attn_flops_ratio": flops / t_flops, "attn_pairs_per_layer": pairs,
-        })
-    result = {
-        "schema": SCHEMA, "mode": "teacher", "model": cfg.model, "prompts": cfg.prompts, "n": cfg.n,
-        "width": width, "height": height, "steps": steps, "guidance": cfg.guidance, "seed": cfg.seed,
-        "device": str(device), "dtype": settings["dtype"], "metrics": [m for m in metrics if m not in nets.skipped],
-        "skipped": dict(nets.skipped), "small_n": cfg.n < FID_SMALL_N, "psnr_cap_db": PSNR_CAP_DB,
-        "teacher": teacher, "students": student_rows, "cascade": None,
-    }
-    if result["small_n"] and "fid" in result["metrics"]:
-        warn(f"FID from {cfg.n} images per set is biased and noisy (the protocol uses 5,000): compare only runs "
-             "with the same n")
-    return _finish(result, out, prompts, say)
+class _Evaluation:
+    """One `clear eval` in teacher mode; the steps read top to bottom:
+
+    check    every option, the student files, the size, the prompts (`--prompts`, `--n`), before loading anything
+    setup    the process state (`accelerate launch`), the memory check, `--backend`, the metric networks
+             (`--metrics`, `--inception-weights`, `--clip-model`, `--dino-model`, `--lpips-weights`), the pipeline
+             (`--model`, `--dtype`, `--compile`) and the students (`--weights`, `--window`)
+    draw     teacher and student images, this process's share, cached and reused (`--overwrite` redraws)
+    measure  metrics, seconds per image (`speed`), attention FLOPs; eval.json, report.html, grid.png
+    """
+
+    def __init__(self, cfg: EvalConfig, log: Log | None, progress: bool):
+        self.cfg, self.progress = cfg, progress
+        self.say, self.warn = sayer(log), warner(log)
+
+    def check(self) -> None:
+        cfg = self.cfg
+        if cfg.prompts is None:
+            cfg = self.cfg = dataclasses.replace(cfg, prompts=default_prompts(cfg.model))
+        _validate(cfg)
+        from clear_cli.metrics import parse_metrics
+
+        self.metrics, self.explicit = parse_metrics(cfg.metrics)
+        self.files = list(cfg.weights)
+        if not self.files:
+            raise UsageError("no student weights given", "pass the file clear distill wrote: --weights "
+                             "out/clear_attn.safetensors (repeat --weights for several)")
+        for f in self.files:  # before loading anything heavy
+            if ":" not in str(f) and not Path(f).expanduser().is_file():
+                raise UsageError(f"student file {f} not found", "pass the .safetensors file that clear distill wrote")
+        from clear_cli.resolution import parse_res
+
+        defaults = model_defaults(cfg.model)
+        self.width, self.height = parse_res(cfg.res, "--res") if cfg.res is not None else (defaults.base_res,) * 2
+        self.steps = cfg.steps or defaults.steps
+        self.prompts = resolve_prompts(cfg.prompts, cfg.n, cfg.coco_captions)
+        self.out = Path(cfg.out).expanduser()
+
+    def setup(self, pipe) -> None:
+        from accelerate import PartialState
+
+        from clear_cli.devices import resolve_device
+        from clear_cli.models import fit, load_pipeline
+
+        cfg = self.cfg
+        state = self.state = PartialState()
+        device = self.device = state.device if state.num_processes > 1 else resolve_device(cfg.device)
+        fit.check_eval(cfg, device, self.width, self.height, self.metrics)  # all fits, before any drawing
+        from clear_cli.attention.kernels import check_backend
+
+        try:
+            check_backend(cfg.backend, device)   # e.g. triton without CUDA
+        except ValueError as e:
+            raise UsageError(f"--backend: {e}") from None
+        # Metric networks first: a bad local path should fail before minutes of drawing.
+        self.nets = None
+        if state.is_main_process:
+            from transformers.utils import logging as tlog
+
+            tlog.disable_progress_bar()
+            from clear_cli.metrics import load_networks
+
+            self.nets = load_networks([m for m in self.metrics if m != "fid" or not cfg.cascade],
+                                      explicit=self.explicit, device=device, inception_weights=cfg.inception_weights,
+                                      clip_model=cfg.clip_model, dino_model=cfg.dino_model,
+                                      lpips_weights=cfg.lpips_weights, warn=self.warn)
+        if pipe is None:
+            pipe = load_pipeline(cfg.model, device=str(device), dtype=cfg.dtype)
+        from clear_cli.models.compile import compile_transformer
+
+        compile_transformer(pipe, cfg.compile, warn=self.warn)  # stays on the pipeline (gen's cascade keeps it)
+        self.pipe = pipe
+        self.studs = load_students(self.files, pipe, cfg.window, cfg.backend, cfg.model, self.warn)
+
+    def draw(self) -> None:
+        cfg, state, out, pipe = self.cfg, self.state, self.out, self.pipe
+        self.dtype = str(pipe.transformer.dtype).replace("torch.", "")
+        settings = {"model": cfg.model, "width": self.width, "height": self.height, "steps": self.steps,
+                    "guidance": cfg.guidance, "seed": cfg.seed, "dtype": self.dtype, "prompts": self.prompts}
+        if state.is_main_process:
+            _check_record(out / TEACHER_DIR / "settings.json", settings, "teacher images", cfg.overwrite)
+            for st in self.studs:
+                _check_record(out / st.folder / "settings.json",
+                              {**settings, "student_sha256": st.weights.sha256, "window": st.window,
+                               "down_factor": st.down_factor}, f"images of student {st.name}", cfg.overwrite)
+        state.wait_for_everyone()
+        mine = list(range(state.process_index, cfg.n, state.num_processes))
+        kw = dict(width=self.width, height=self.height, steps=self.steps, guidance=cfg.guidance, seed=cfg.seed,
+                  progress=self.progress and state.is_local_main_process, overwrite=cfg.overwrite)
+        self.say(f"drawing {len(mine)} of {cfg.n} images per model at {self.width}x{self.height}, {self.steps} steps "
+                 f"({state.num_processes} process(es)); cached in {out}")
+        _record_times(out / TEACHER_DIR, state.process_index,
+                      _draw(pipe, self.prompts, mine, out / TEACHER_DIR, label="teacher", **kw))
+        for st in self.studs:
+            with _Swap(pipe, st, cfg.backend):
+                t = _draw(pipe, self.prompts, mine, out / st.folder, label=f"student {st.name}", **kw)
+            _record_times(out / st.folder, state.process_index, t)
+        state.wait_for_everyone()
+
+    def measure(self) -> dict:
+        from clear_cli.metrics import FID_SMALL_N, PSNR_CAP_DB
+
+        cfg, out, metrics, nets = self.cfg, self.out, self.metrics, self.nets
+        size = (self.width, self.height)
+        teacher, rows = _compute(out, cfg.n, self.prompts, self.studs, metrics, nets, cfg, size, self.say,
+                                 self.progress)
+        t_pairs, t_flops = _attention_cost(self.pipe, *size, self.steps, None)
+        t_times = _read_times(out / TEACHER_DIR, cfg.n)
+        t_spi = sum(t_times) / len(t_times) if t_times and "speed" in metrics else None
+        teacher.update(seconds_per_image=t_spi, attn_tflops_per_image=t_flops / 1e12, attn_pairs_per_layer=t_pairs)
+        student_rows = []
+        for st, row in zip(self.studs, rows):
+            pairs, flops = _attention_cost(self.pipe, *size, self.steps, st.window, st.down_factor)
+            times = _read_times(out / st.folder, cfg.n)
+            spi = sum(times) / len(times) if times and "speed" in metrics else None
+            student_rows.append({
+                "name": st.name, "file": str(st.file), "sha256": st.weights.sha256, "window": st.window,
+                "down_factor": st.down_factor, "folder": st.folder, **row,
+                "seconds_per_image": spi, "speedup": (t_spi / spi) if spi and t_spi else None,
+                "attn_tflops_per_image": flops / 1e12, "attn_flops_ratio": flops / t_flops,
+                "attn_pairs_per_layer": pairs,
+            })
+        result = {
+            "schema": SCHEMA, "mode": "teacher", "model": cfg.model, "prompts": cfg.prompts, "n": cfg.n,
+            "width": self.width, "height": self.height, "steps": self.steps, "guidance": cfg.guidance,
+            "seed": cfg.seed, "device": str(self.device), "dtype": self.dtype,
+            "metrics": [m for m in metrics if m not in nets.skipped], "skipped": dict(nets.skipped),
+            "small_n": cfg.n < FID_SMALL_N, "psnr_cap_db": PSNR_CAP_DB,
+            "teacher": teacher, "students": student_rows, "cascade": None,
+        }
+        if result["small_n"] and "fid" in result["metrics"]:
+            self.warn(f"FID from {cfg.n} images per set is biased and noisy (the protocol uses 5,000): compare only "
+                      "runs with the same n")
+        return _finish(result, out, self.prompts, self.say)
 
 
 def _finish(result: dict, out: Path, prompts: list[str], say: Log) -> dict:

@@ -27,14 +27,16 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from clear_cli.comfy.keys import DOUBLE_PROJ, SINGLE_PROJ
-from clear_cli.config import doc
+from clear_cli.config import doc, merge_options
 from clear_cli.errors import ClearError, UsageError
 from clear_cli.files import check_out_file, same_file
 from clear_cli.flux import DEFAULT_MODEL
+from clear_cli.logs import Log, sayer
 
 __all__ = ["export", "ExportConfig", "ExportResult", "LayerReport", "FORMATS", "DEFAULT_OUT", "choose_rank", "low_rank"]
 
@@ -48,8 +50,10 @@ _MODULE = re.compile(r"^(?P<block>transformer_blocks|single_transformer_blocks)\
 
 @dataclass
 class ExportConfig:
-    """What `clear export` does; every field has the CLI option of the same name."""
+    """What `clear export` does; every field is the CLI option of the same name (clear_cli/cli/options.py)."""
 
+    weights: str | None = doc(None, "attention weights: our distill output, a published CLEAR checkpoint (path or "
+                                    "REPO:FILE, e.g. Huage001/CLEAR:clear_local_16.safetensors), or our LoRA")
     format: str = doc("lora", "lora (diffusers/PEFT keys), full (published layout) or comfy (ComfyUI's FLUX layout)")
     rank: int | None = doc(None, f"fixed LoRA rank per layer (clamped to the layer's size); default {DEFAULT_RANK}")
     energy: float | None = doc(None, "instead of --rank: smallest rank keeping this share of squared singular values")
@@ -134,6 +138,9 @@ def _human_size(n: int) -> str:
 
 def check_options(cfg: ExportConfig) -> ExportConfig:
     """Refuse bad options before anything is loaded (so nothing is written); fill the defaults."""
+    if not cfg.weights:
+        raise UsageError("no weights to export", "pass the attention file: clear export --weights FILE")
+    cfg = dataclasses.replace(cfg, format=str(cfg.format).lower())
     if cfg.format not in FORMATS:
         raise UsageError(f"--format {cfg.format!r} is not one of {', '.join(FORMATS)}",
                          "lora for diffusers, comfy for ComfyUI, full for the attention-only file")
@@ -329,17 +336,18 @@ def _comfy_tensors(modules, base, cfg: ExportConfig, dtype, device, progress: bo
 
 # ----------------------------------------------------------------------------------------------- entry point
 
-def export(weights: str | os.PathLike, format: str = "lora", *, rank: int | None = None, energy: float | None = None,
-           model: str | None = None, base: str | None = None, out: str | os.PathLike | None = None,
-           overwrite: bool = False, window: int | None = None, down_factor: int | None = None, device: str = "auto",
-           progress: bool = True) -> ExportResult:
+def export(config: ExportConfig | str | os.PathLike | None = None, *, log: Log | None = None,
+           progress: bool = True, **options: Any) -> ExportResult:
     """Export attention weights (ours, published or our LoRA) as a LoRA, a full attention file or a ComfyUI LoRA.
 
     The delta is taken against the model the weights were trained from (their base_model metadata, FLUX.1-dev for
     published files; `base` when `model` names a derivative), whose attention tensors alone are read
     (`clear_cli.models.rebase.projections`). `--format full` for a derivative writes its own projections plus that
     delta. The output is written atomically and never replaces a file unless `overwrite`.
-    Returns what was written (layers with rank and error, file size); raises ClearError/UsageError on bad input.
+    `config` or keyword `options` (ExportConfig fields: weights, format, rank, energy, model, base, out, ...); a
+    path in place of `config` is `weights` (`export("clear_attn.safetensors", format="lora", rank=64)`). `log`
+    receives the summary lines. Returns what was written (layers with rank and error, file size); raises
+    ClearError/UsageError on bad input.
     """
     from clear_cli.devices import resolve_device
     from clear_cli.models.rebase import export_plan, projections, same_model, student_tensors
@@ -347,13 +355,11 @@ def export(weights: str | os.PathLike, format: str = "lora", *, rank: int | None
         load_attention_weights, pool_key, resolve_geometry, save_attention_weights,
     )
 
-    cfg = check_options(ExportConfig(format=format, rank=rank, energy=energy, model=model, base=base,
-                                     out=None if out is None else str(out), overwrite=overwrite, window=window,
-                                     down_factor=down_factor, device=device))
-    if same_file(cfg.out, weights):
+    cfg = check_options(merge_options(ExportConfig, config, options, job="export", primary="weights"))
+    if same_file(cfg.out, cfg.weights):
         raise UsageError(f"--out {cfg.out} is the input weights file", "name another --out; the input is never replaced")
     dev = resolve_device(cfg.device)
-    w = load_attention_weights(weights)
+    w = load_attention_weights(cfg.weights)
     win, f = resolve_geometry(w, cfg.window, cfg.down_factor)
     base_name, target = export_plan(w, cfg.model, cfg.base)
     dtype = _weights_dtype(w)
@@ -400,9 +406,13 @@ def export(weights: str | os.PathLike, format: str = "lora", *, rank: int | None
             "weight_errors": {r.name: float(f"{r.weight_error:.3e}") for r in layers},
         })
     path = save_attention_weights(cfg.out, tensors, meta)
-    return ExportResult(path=path, format=cfg.format, size_bytes=path.stat().st_size, window=win, down_factor=f,
-                        base_model=base_name, model=target, layers=layers, tensors=len(tensors), pools=len(pools),
-                        unchanged=unchanged)
+    result = ExportResult(path=path, format=cfg.format, size_bytes=path.stat().st_size, window=win, down_factor=f,
+                          base_model=base_name, model=target, layers=layers, tensors=len(tensors), pools=len(pools),
+                          unchanged=unchanged)
+    say = sayer(log)
+    for line in result.summary_lines():
+        say(line)
+    return result
 
 
 

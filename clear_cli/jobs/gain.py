@@ -117,7 +117,7 @@ def bench(out: Path, *, model: str = "tiny", n_data: int = 256, sets: list[str] 
     synth(**synth_opts)
     times["synth"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    distill(str(recipe), overrides=overrides, out=str(run_dir), overwrite=True, device="cpu")
+    distill(str(recipe), sets=overrides, out=str(run_dir), overwrite=True, device="cpu")
     times["distill"] = round(time.perf_counter() - t, 1)
     g = distill_gain(run_dir / "clear_attn.safetensors", n=n_eval)
     g["commands"] = [

@@ -9,19 +9,17 @@ The on-disk format is described in docs/dataset.md.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import difflib
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from clear_cli.config import doc, non_finite
+from clear_cli.config import doc, merge_options
 from clear_cli.data import layout, store
 from clear_cli.errors import ClearError, UsageError
 from clear_cli.files import OutLock, atomic_write_text, foreign_entries, temp_path
 from clear_cli.flux import DEFAULT_MODEL
+from clear_cli.logs import Log, sayer
 
 IMAGE_FORMATS = ("png", "webp")
 MAX_N = 10**8  # indices, seeds and batch lists are built for every sample; beyond this they outgrow memory
@@ -177,7 +175,7 @@ class _Plan:
 def _plan(cfg: SynthConfig, dtype_name: str) -> _Plan:
     from clear_cli.data import images, prompts
 
-    problems = cfg.validate() + non_finite(cfg)
+    problems = cfg.validate()
     if problems:
         raise UsageError("; ".join(problems))
     width, height = layout.parse_res(cfg.res)
@@ -446,37 +444,23 @@ def _load(cfg: SynthConfig, pipe, device):
     return pipe
 
 
-def _coerce(config: SynthConfig | None, overrides: dict) -> SynthConfig:
-    cfg = dataclasses.replace(config) if config is not None else SynthConfig()
-    names = [f.name for f in dataclasses.fields(SynthConfig)]
-    for k, v in overrides.items():
-        if k not in names:
-            close = difflib.get_close_matches(k, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UsageError(f"synth() got an unknown option {k!r}{hint}")
-        setattr(cfg, k, v)
-    for k in ("out", "prompts", "from_images", "res"):
-        v = getattr(cfg, k)
-        if isinstance(v, (os.PathLike, int)):
-            setattr(cfg, k, str(v))
-    return cfg
-
-
-def synth(config: SynthConfig | None = None, *, pipe=None, progress: bool = True,
+def synth(config: SynthConfig | None = None, *, log: Log | None = None, progress: bool = True, pipe=None,
           on_batch: Callable[[int], None] | None = None, **options) -> SynthResult:
     """Draw (or import) a synth dataset; rerun the same call to resume. Options are SynthConfig's fields.
 
     `clear_cli.synth(n=64, model="tiny", res=256, out="out/s")`. Under `accelerate launch` every process
-    calls it and gets its share of the batches. `pipe`: an already loaded pipeline (its model name is still
-    `model`); `on_batch(chunk)`: called after each committed batch of this process.
+    calls it and gets its share of the batches. `log`: one line per step of the run (None: quiet); `pipe`: an
+    already loaded pipeline (its model name is still `model`); `on_batch(chunk)`: called after each committed
+    batch of this process.
     """
-    cfg = _coerce(config, options)
+    cfg = merge_options(SynthConfig, config, options, job="synth")
     state = _state()
+    say = sayer(log) if state.is_main_process else sayer(None)
     with OutLock(cfg.out, "synth") if state.is_main_process and cfg.out else contextlib.nullcontext():
-        return _synth(cfg, state, pipe, progress, on_batch)
+        return _synth(cfg, state, pipe, progress, on_batch, say)
 
 
-def _synth(cfg: SynthConfig, state, pipe, progress: bool, on_batch) -> SynthResult:
+def _synth(cfg: SynthConfig, state, pipe, progress: bool, on_batch, say) -> SynthResult:
     import torch
 
     from clear_cli.devices import resolve_dtype
@@ -506,6 +490,8 @@ def _synth(cfg: SynthConfig, state, pipe, progress: bool, on_batch) -> SynthResu
     todo = store.pending_chunks(plan.root, plan.n, cfg.batch_size)
     done_before = _done_samples(plan.root, plan.n, cfg.batch_size)
     state.wait_for_everyone()  # nobody writes until every process has listed the same pending batches
+    say(f"synth: {len(todo)} batch(es) of {cfg.batch_size} to draw into {plan.root} ({done_before} of {plan.n} "
+        f"samples already there, {state.num_processes} process(es))")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from clear_cli.devices import is_main_process as _is_main_process
 from clear_cli.errors import UsageError
 from clear_cli.logs import Log
 
@@ -131,8 +132,4 @@ def _destroy() -> None:
         dist.destroy_process_group()
 
 
-def is_main_process() -> bool:
-    """False only on processes other than rank 0 of an initialised process group (print summaries once)."""
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+is_main_process = _is_main_process  # the one rule (clear_cli/devices.py), kept here for parallel callers

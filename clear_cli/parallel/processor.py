@@ -38,6 +38,9 @@ class BandClearProcessor(ClearFluxAttnProcessor):
         if attention_mask is not None:
             raise ValueError("CLEAR processors do not take an attention_mask (the CLEAR pattern is the mask)")
         s = self._state.settings
+        if call.layout.references:
+            raise ValueError(f"patch-parallel generation takes one image, not reference images too "
+                             f"({call.layout.describe()}): run Kontext on one GPU")
         if call.grid != group.band_grid:
             raise ValueError(f"the transformer got a {call.grid[0]}x{call.grid[1]} token grid but this process's band "
                              f"is {group.band_grid[0]}x{group.band_grid[1]}: pass the band's latents and img_ids")

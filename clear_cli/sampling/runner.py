@@ -16,7 +16,13 @@ from clear_cli.sampling.plan import Stage
 
 
 class StageRunner:
-    """Holds the pipeline and switches it between the original model and the CLEAR model."""
+    """Holds the pipeline and switches it between the original model and the CLEAR model.
+
+    `generate` uses it per image: encode_prompt once, run_stages (per stage: use() the attention it needs, with
+    RoPE NTK [--ntk-factor] and proportional attention above the base; noise or encode_image + SDEdit noise
+    [--strength]; denoise [--steps, --refine-steps, --guidance, --refine-guidance]), then to_pil; restore() puts
+    the original processors back. flops() gives each stage's attention work for the log.
+    """
 
     def __init__(self, pipe, window: int, down_factor: int, backend: str, weights, train_seq_len: int):
         import torch

@@ -12,11 +12,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from clear_cli.config import doc, merge_options
+from clear_cli.errors import UsageError
 from clear_cli.flux import PIXELS_PER_TOKEN, TINY_MODELS
 from clear_cli.logs import Log, sayer
 from clear_cli.tiny import scenes
@@ -250,8 +253,6 @@ def to_dict(obj: Any) -> Any:
 
 
 def _pipe(model: str, device: str):
-    from pathlib import Path
-
     from clear_cli.errors import UsageError
     from clear_cli.models import load_pipeline
     from clear_cli.models import tiny as tiny_mod
@@ -286,12 +287,78 @@ def _pipe(model: str, device: str):
     return pipe.to(resolve_device(device))
 
 
+@dataclass
+class TinyCheckConfig:
+    """`clear tiny check`; each field is the CLI option of the same name."""
+
+    model: str = doc("tiny", "`tiny` (shipped weights), `tiny-random`, a weight file, or a run's "
+                             "checkpoints/flux_N.safetensors")
+    n: int = doc(100, "prompts in the colour check")
+    steps: int = doc(20, "sampling steps")
+    start: int = doc(HELD_OUT, "first held-out scene seed (another set: 2000000000)")
+    locality: bool = doc(True, "measure attention locality at 256 px")
+    clear: bool = doc(True, "CLEAR r=2-4 vs full attention at 256 px")
+    device: str = doc("cpu", "cpu, auto, cuda or cuda:N")
+    out: str | None = doc(None, "also write the figures as JSON here")
+
+
+@dataclass
+class CheckResult:
+    """The figures of `check` (JSON-able; `result["color"]` reads them as the dict it used to be)."""
+
+    figures: dict
+    path: Path | None = None
+    is_main: bool = True
+
+    def __getitem__(self, key: str) -> Any:
+        return self.figures[key]
+
+
+def _check_figures_out(out: Path) -> None:
+    """Before minutes of checks: a .json name, a folder that can be written, and never a file that is not an
+    earlier figures file (there is no --overwrite to ask for that)."""
+    import json
+
+    from clear_cli.files import check_out_file
+
+    check_out_file(out, ".json", what="figures file")
+    if out.exists():
+        try:
+            ours = isinstance(json.loads(out.read_text(encoding="utf-8")), dict)
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise UsageError(f"--out {out} exists and is not a figures file of `clear tiny check`",
+                             "pick another --out; only an earlier figures file is replaced")
+
+
+def check(config: TinyCheckConfig | None = None, *, log: Log | None = None, progress: bool = True,
+          **options: Any) -> CheckResult:
+    """All checks for a tiny model, with the random model's colour rate beside it.
+
+    `config` or keyword `options` (TinyCheckConfig fields). `log` receives one line per figure as it is
+    measured (None: quiet). With `out`, the figures are also written there as JSON.
+    """
+    cfg = merge_options(TinyCheckConfig, config, options, job="check")
+    if cfg.out is not None:
+        _check_figures_out(Path(cfg.out))
+    figures = run_checks(cfg.model, n=cfg.n, steps=cfg.steps, locality=cfg.locality, clear=cfg.clear,
+                         device=cfg.device, start=cfg.start, log=log)
+    path = None
+    if cfg.out is not None:
+        import json
+
+        from clear_cli.files import atomic_write_text
+
+        path = Path(cfg.out)
+        atomic_write_text(path, json.dumps(figures, indent=1))
+        sayer(log)(f"wrote {path}")
+    return CheckResult(figures=figures, path=path)
+
+
 def run_checks(model: str = "tiny", *, n: int = 100, steps: int = 20, locality: bool = True, clear: bool = True,
                device: str = "cpu", start: int = HELD_OUT, log: Log | None = None) -> dict:
-    """All checks for a tiny model, with the random model's colour rate beside it; returns a JSON-able dict.
-
-    `log` receives one line per figure as it is measured (None: quiet).
-    """
+    """`check` as it was before 0.2: the figures as a JSON-able dict."""
     import time
 
     from clear_cli.errors import UsageError

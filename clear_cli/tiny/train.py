@@ -32,9 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clear_cli.config import check_finite, doc, to_dict
+from clear_cli.config import doc, merge_options, to_dict
 from clear_cli.errors import ClearError, UsageError
 from clear_cli.files import atomic_copy, atomic_write_text, check_out_dir, remove_owned, save_safetensors
+from clear_cli.logs import Log, sayer
 from clear_cli.models import tiny
 from clear_cli.tiny import scenes
 
@@ -43,8 +44,14 @@ OWNED = ("state.json", "train_log.jsonl", "checkpoints", RESULT_NAME)  # all tha
 STAGES = ("vae", "cache", "flux", "decoder", "done")
 
 
+# How a call runs, not what it trains: never recorded in the run's state, so they may change on resume.
+RUN_FIELDS = ("out", "minutes", "resume", "overwrite", "device", "install")
+
+
 @dataclass
 class TinyTrainConfig:
+    """`clear tiny train`: the recipe of the tiny teacher, then how this call runs (RUN_FIELDS)."""
+
     seed: int = doc(0, "seed of the model init, the scenes, the noise and every batch")
     res: int = doc(128, "training resolution of the transformer (pixels, multiple of 16)")
     vae_steps: int = doc(3000, "VAE optimizer steps")
@@ -55,7 +62,7 @@ class TinyTrainConfig:
     object_weight: float = doc(4.0, "reconstruction weight of object pixels vs background (objects are small)")
     cache_size: int = doc(8192, "scenes encoded once to latents for the transformer stage")
     steps: int = doc(6000, "transformer optimizer steps (more on --resume auto extends a finished run)")
-    batch: int = doc(64, "transformer batch")
+    batch_size: int = doc(64, "transformer batch")
     lr: float = doc(1e-3, "transformer learning rate (AdamW, warmup then cosine to 10%)")
     warmup: int = doc(100, "transformer warmup steps")
     ema: float = doc(0.998, "EMA decay of the trained weights (the EMA is what ships)")
@@ -68,6 +75,18 @@ class TinyTrainConfig:
     ckpt_every: int = doc(200, "checkpoint every N steps (and at the end of each stage / the time limit)")
     log_every: int = doc(10, "write the mean loss to train_log.jsonl every N steps")
     threads: int = doc(2, "torch CPU threads")
+    out: str = doc("out/tiny", "run folder: checkpoints, train_log.jsonl, the result")
+    minutes: float | None = doc(None, "stop (with a checkpoint) after this many minutes")
+    resume: str | None = doc(None, "`auto`: continue the run in --out")
+    overwrite: bool = doc(False, "delete a previous run in --out and start again")
+    device: str = doc("cpu", "cpu (the documented recipe), auto, cuda or cuda:N")
+    install: bool = doc(False, "copy the result to the package (the shipped weights)")
+
+
+def _recipe(cfg: TinyTrainConfig) -> dict:
+    """What the run records and a resume compares: the config without RUN_FIELDS (`batch_size` under its old
+    key `batch`, so runs started before 0.2 resume)."""
+    return {("batch" if k == "batch_size" else k): v for k, v in to_dict(cfg).items() if k not in RUN_FIELDS}
 
 
 @dataclass
@@ -356,68 +375,57 @@ def _run_stage(name: str, run: _Run, model: torch.nn.Module, opt: torch.optim.Op
     return True, total
 
 
-def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float | None = None,
-          resume: str | None = None, overwrite: bool = False, progress: bool = True,
-          device: str | torch.device = "cpu",
-          on_step: Callable[[str, int, float], None] | None = None) -> TrainResult:
+def train(config: TinyTrainConfig | None = None, *, log: Log | None = None, progress: bool = True,
+          on_step: Callable[[str, int, float], None] | None = None, **options: Any) -> TrainResult:
     """Train (or resume) the tiny teacher in `out`; returns where it stopped.
 
-    resume: None (fresh; refuses a folder that already holds a run unless overwrite), "auto" (continue the
-    run in `out` from its latest checkpoints; starts fresh if there is none). minutes: wall-clock limit for
-    this call; at the limit a checkpoint is written and `finished` is False (rerun with resume="auto").
-    device: where the models train (the recipe is the same; numbers differ within float noise).
+    `config` or keyword `options` (TinyTrainConfig fields). resume: None (fresh; refuses a folder that already
+    holds a run unless overwrite), "auto" (continue the run in `out` from its latest checkpoints; starts fresh if
+    there is none). minutes: wall-clock limit for this call; at the limit a checkpoint is written and `finished`
+    is False (rerun with resume="auto"). device: where the models train (the recipe is the same; numbers differ
+    within float noise). install: copy a finished result over the shipped weights. `log`: where it stopped.
     """
+    if "batch" in options:  # the name before 0.2
+        options["batch_size"] = options.pop("batch")
+    cfg = merge_options(TinyTrainConfig, config, options, job="train")  # NaN/inf refused there
+    if cfg.minutes is not None and cfg.minutes <= 0:
+        raise UsageError(f"--minutes must be positive, got {cfg.minutes}")
+    small = [f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+             if f.type in (int, "int") and f.name not in ("seed", "warmup") and getattr(cfg, f.name) < 1]
+    if small:  # before the VAE stage, not after it; a 0-step run would write an untrained model
+        raise UsageError(f"{', '.join(small)}: must be at least 1")
+    check_out_dir(cfg.out)
+    result = _train(Path(cfg.out), cfg, minutes=cfg.minutes, resume=cfg.resume, overwrite=cfg.overwrite,
+                    progress=progress, device=cfg.device, on_step=on_step)
+    say = sayer(log)
+    if not result.finished:
+        say(f"stopped at the time limit in stage {result.stage}, step {result.step} ({result.seconds / 60:.1f} min "
+            f"so far); continue with: clear tiny train --out {cfg.out} --resume auto")
+        return result
+    say(f"done in {result.seconds / 60:.1f} min: {result.weights}")
+    if cfg.install and result.weights is not None:
+        say(f"installed: {install_weights(result.weights)}")
+    return result
+
+
+def _train(out: Path, cfg: TinyTrainConfig, *, minutes: float | None, resume: str | None, overwrite: bool,
+           progress: bool, device: str, on_step: Callable[[str, int, float], None] | None) -> TrainResult:
+    """The four stages in order, each resumable from its checkpoints: the VAE (`--vae-*`), the latent cache
+    (`--cache-size`), the transformer (`--steps`, `--batch-size`, `--lr`, `--warmup`, `--ema`, `--train-text`),
+    the decoder (`--decoder-*`); then the result file. `--minutes` stops any stage with a checkpoint."""
     from clear_cli.devices import resolve_device
 
     dev = resolve_device(str(device))
-    cfg = cfg or TinyTrainConfig()
-    if cfg.res % 16 or cfg.res < 32:
-        raise UsageError(f"--res must be a multiple of 16 and at least 32, got {cfg.res}")
-    small = [f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-             if f.type in (int, "int") and f.name != "seed" and getattr(cfg, f.name) < 1]
-    if small:  # before the VAE stage, not after it; a 0-step run would write an untrained model
-        raise UsageError(f"{', '.join(small)}: must be at least 1")
-    check_finite(cfg)
-    if minutes is not None and not math.isfinite(minutes):
-        raise UsageError(f"--minutes {minutes} is not a finite number", "e.g. --minutes 30")
-    if minutes is not None and not minutes > 0:
-        raise UsageError(f"--minutes {minutes}: must be a positive number of minutes")
-    check_out_dir(out)
-    if resume not in (None, "auto"):
-        raise UsageError(f"--resume takes 'auto', got {resume!r}")
-    out = Path(out)
-    run = _Run(out)
-    prev = run.state()
-    if prev is not None and resume is None:
-        if not overwrite:
-            raise ClearError(f"{out} already holds a training run",
-                             "pass --resume auto to continue it, --overwrite to start again, or another --out")
-        remove_owned(out, OWNED)
-        prev = None
-    if prev is not None:
-        saved = prev.get("config", {})
-        mine = json.loads(json.dumps(to_dict(cfg)))
-        diff = [k for k in mine if k not in ("threads", "steps") and saved.get(k) != mine[k]]
-        if mine["steps"] < saved.get("steps", 0):
-            diff.append("steps (fewer than the run already has)")
-        if diff:
-            raise ClearError(f"{out} was trained with other settings ({', '.join(diff)})",
-                             "resume with the same options, or start a new run with another --out")
-    run.ckpt.mkdir(parents=True, exist_ok=True)
+    run, prev = _open_run(out, cfg, resume, overwrite)
     torch.set_num_threads(cfg.threads)
     t_start = time.monotonic()
     deadline = t_start + minutes * 60 if minutes else None
     spent = float(prev.get("seconds", 0.0)) if prev else 0.0
-    stage = prev["stage"] if prev else "vae"
-    if prev and cfg.steps > prev["config"]["steps"] and stage in ("decoder", "done"):
-        # More transformer steps on resume: continue the flux stage from its last checkpoint (the cosine
-        # schedule is re-stretched to the new total); the finished decoder stage is reused as it is.
-        stage = "flux"
-
+    stage = _first_stage(cfg, prev)
     run.clock = lambda: spent + time.monotonic() - t_start
 
     def save_state(stage_now: str, step: int) -> None:
-        run.write_state(stage=stage_now, step=step, config=to_dict(cfg),
+        run.write_state(stage=stage_now, step=step, config=_recipe(cfg),
                         seconds=run.clock())
 
     comps = tiny.build_components(seed=cfg.seed)
@@ -427,19 +435,12 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
     if stage == "done":
         result = out / RESULT_NAME
         return TrainResult(out, "done", cfg.steps, True, result if result.is_file() else None, spent)
+    steps = dict(resume=resume, deadline=deadline, progress=progress, on_step=on_step, save_state=save_state)
 
     # ---- stage 1: VAE
     vae_final = run.ckpt / "vae_final.safetensors"
     if stage == "vae":
-        vae.train()
-        opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-
-        def vae_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-            loss, mse = vae_loss(vae, _vae_batch(cfg, step).to(dev), cfg.kl_weight, cfg.object_weight)
-            return loss, {"mse": mse}
-
-        ok, done = _run_stage("vae", run, vae, opt, cfg.vae_steps, cfg.vae_lr, 50, vae_step, cfg, resume=resume,
-                              deadline=deadline, progress=progress, on_step=on_step, save_state=save_state)
+        ok, done = _vae_stage(cfg, run, vae, dev, **steps)
         if not ok:
             return TrainResult(out, "vae", done, False, None, run.clock())
         save_safetensors(vae_final, {k: v.contiguous() for k, v in vae.state_dict().items()})
@@ -453,35 +454,11 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
 
     # ---- stage 2: latent cache + latent statistics
     cache_path = run.ckpt / "latents.safetensors"
-    n_lat = cfg.res // 8
     if stage == "cache":
-        seeds = np.random.default_rng([cfg.seed & 0xFFFFFFFF, 3]).integers(0, scenes.TRAIN_SEEDS, size=cfg.cache_size)
-        lat = torch.empty(cfg.cache_size, 16, n_lat, n_lat)
-        bar = _progress(cfg.cache_size, 0, "encode", progress)
-        with torch.no_grad():
-            for i in range(0, cfg.cache_size, 64):
-                imgs = scenes.make_batch(seeds[i:i + 64], cfg.res)[0]
-                lat[i:i + 64] = vae.encode(_to_chw(imgs).to(dev)).latent_dist.mean.cpu()
-                bar.update(len(imgs))
-        bar.close()
-        shift, std = float(lat.mean()), float(lat.std())
-        save_safetensors(cache_path, {"latents": lat, "seeds": torch.from_numpy(seeds.astype(np.int64))},
-                         metadata={"shift_factor": repr(shift), "scaling_factor": repr(1.0 / std)})
-        run.log(stage="cache", step=cfg.cache_size, shift_factor=shift, scaling_factor=1.0 / std,
-                seconds=round(run.clock(), 1))
+        _cache_stage(cfg, run, vae, dev, cache_path, progress)
         stage = "flux"
         save_state(stage, 0)
-
-    from safetensors import safe_open
-
-    with safe_open(str(cache_path), "pt") as f:
-        meta = f.metadata()
-    cache = load_file(str(cache_path))
-    shift, scale = float(meta["shift_factor"]), float(meta["scaling_factor"])
-    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-    latents = ((cache["latents"] - shift) * scale).to(dev)
-    seeds = cache["seeds"].numpy()
-    captions = [scenes.caption(scenes.sample_scene(int(s))) for s in seeds]
+    latents, seeds, captions = _read_cache(cache_path, vae, dev)
 
     # ---- stage 3: the transformer
     from diffusers import FluxPipeline
@@ -502,18 +479,103 @@ def train(out: str | Path, cfg: TinyTrainConfig | None = None, *, minutes: float
         save_state(stage, 0)
 
     # ---- stage 4: sharpen the decoder on the frozen encoder's latents (the transformer's latent space stays)
-    ok, step = finetune_decoder(vae, cfg, run, dev, resume=resume, deadline=deadline, progress=progress,
-                                on_step=on_step, save_state=save_state)
+    ok, step = finetune_decoder(vae, cfg, run, dev, **steps)
     if not ok:
         return TrainResult(out, "decoder", step, False, None, run.clock())
     trained.eval()
     vae.eval()
+    return _save_result(cfg, run, comps, out, save_state)
+
+
+def _first_stage(cfg: TinyTrainConfig, prev: dict | None) -> str:
+    stage = prev["stage"] if prev else "vae"
+    if prev and cfg.steps > prev["config"]["steps"] and stage in ("decoder", "done"):
+        # More transformer steps on resume: continue the flux stage from its last checkpoint (the cosine
+        # schedule is re-stretched to the new total); the finished decoder stage is reused as it is.
+        stage = "flux"
+    return stage
+
+
+def _open_run(out: Path, cfg: TinyTrainConfig, resume: str | None, overwrite: bool) -> tuple["_Run", dict | None]:
+    """Check the options and the folder: a fresh run, `--overwrite`, or `--resume auto` with the same recipe."""
+    if cfg.res % 16 or cfg.res < 32:
+        raise UsageError(f"--res must be a multiple of 16 and at least 32, got {cfg.res}")
+    if resume not in (None, "auto"):
+        raise UsageError(f"--resume takes 'auto', got {resume!r}")
+    out = Path(out)
+    run = _Run(out)
+    prev = run.state()
+    if prev is not None and resume is None:
+        if not overwrite:
+            raise ClearError(f"{out} already holds a training run",
+                             "pass --resume auto to continue it, --overwrite to start again, or another --out")
+        remove_owned(out, OWNED)
+        prev = None
+    if prev is not None:
+        saved = prev.get("config", {})
+        mine = json.loads(json.dumps(_recipe(cfg)))
+        diff = [k for k in mine if k not in ("threads", "steps") and saved.get(k) != mine[k]]
+        if mine["steps"] < saved.get("steps", 0):
+            diff.append("steps (fewer than the run already has)")
+        if diff:
+            raise ClearError(f"{out} was trained with other settings ({', '.join(diff)})",
+                             "resume with the same options, or start a new run with another --out")
+    run.ckpt.mkdir(parents=True, exist_ok=True)
+    return run, prev
+
+
+def _vae_stage(cfg: TinyTrainConfig, run: "_Run", vae, dev: torch.device, **steps: Any) -> tuple[bool, int]:
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+
+    def vae_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, mse = vae_loss(vae, _vae_batch(cfg, step).to(dev), cfg.kl_weight, cfg.object_weight)
+        return loss, {"mse": mse}
+
+    return _run_stage("vae", run, vae, opt, cfg.vae_steps, cfg.vae_lr, 50, vae_step, cfg, **steps)
+
+
+def _cache_stage(cfg: TinyTrainConfig, run: "_Run", vae, dev: torch.device, cache_path: Path, progress: bool) -> None:
+    """Encode `cache_size` training scenes once; the latent statistics become the VAE's shift and scale."""
+    n_lat = cfg.res // 8
+    seeds = np.random.default_rng([cfg.seed & 0xFFFFFFFF, 3]).integers(0, scenes.TRAIN_SEEDS, size=cfg.cache_size)
+    lat = torch.empty(cfg.cache_size, 16, n_lat, n_lat)
+    bar = _progress(cfg.cache_size, 0, "encode", progress)
+    with torch.no_grad():
+        for i in range(0, cfg.cache_size, 64):
+            imgs = scenes.make_batch(seeds[i:i + 64], cfg.res)[0]
+            lat[i:i + 64] = vae.encode(_to_chw(imgs).to(dev)).latent_dist.mean.cpu()
+            bar.update(len(imgs))
+    bar.close()
+    shift, std = float(lat.mean()), float(lat.std())
+    save_safetensors(cache_path, {"latents": lat, "seeds": torch.from_numpy(seeds.astype(np.int64))},
+                     metadata={"shift_factor": repr(shift), "scaling_factor": repr(1.0 / std)})
+    run.log(stage="cache", step=cfg.cache_size, shift_factor=shift, scaling_factor=1.0 / std,
+            seconds=round(run.clock(), 1))
+
+
+def _read_cache(cache_path: Path, vae, dev: torch.device) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """(scaled latents, scene seeds, captions) of the cache; sets the VAE's shift and scaling factors."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(cache_path), "pt") as f:
+        meta = f.metadata()
+    cache = load_file(str(cache_path))
+    shift, scale = float(meta["shift_factor"]), float(meta["scaling_factor"])
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    latents = ((cache["latents"] - shift) * scale).to(dev)
+    seeds = cache["seeds"].numpy()
+    return latents, seeds, [scenes.caption(scenes.sample_scene(int(s))) for s in seeds]
+
+
+def _save_result(cfg: TinyTrainConfig, run: "_Run", comps: dict, out: Path, save_state) -> TrainResult:
     for name in tiny.COMPONENT_PREFIXES:
         comps[name].to("cpu")
     seconds = run.clock()
     result = out / RESULT_NAME
     tiny.save_trained(comps, result, metadata={
-        "config": json.dumps(to_dict(cfg)), "seconds": f"{seconds:.0f}", "torch": torch.__version__,
+        "config": json.dumps(_recipe(cfg)), "seconds": f"{seconds:.0f}", "torch": torch.__version__,
         "command": "clear tiny train", "format": "clear-tiny-flux-1",
     })
     save_state("done", cfg.steps)
@@ -530,7 +592,7 @@ def _flux_stage(cfg, run, pipe, latents, seeds, captions, dev, resume, deadline,
     ema = {k: v.detach().clone() for k, v in tr.state_dict().items()}
 
     def flux_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        idx = _rng(cfg, 2, step).integers(0, len(latents), size=cfg.batch)
+        idx = _rng(cfg, 2, step).integers(0, len(latents), size=cfg.batch_size)
         sel = torch.from_numpy(idx)
         loss = flux_loss(pipe, latents[sel.to(dev)], [captions[i] for i in idx], _torch_gen(cfg, 2, step),
                          tuple(cfg.guidance_range), cfg.train_text, weights[sel].to(dev))
@@ -607,12 +669,10 @@ def load_flux_checkpoint(components: dict[str, Any], path: str | Path) -> dict[s
 
 
 def config_from_options(**overrides: Any) -> TinyTrainConfig:
-    """A config with the given non-None fields replaced (unknown names are a usage error)."""
-    names = {f.name for f in dataclasses.fields(TinyTrainConfig)}
-    bad = [k for k in overrides if k not in names]
-    if bad:
-        raise UsageError(f"unknown tiny training setting(s): {', '.join(bad)}")
-    return dataclasses.replace(TinyTrainConfig(), **{k: v for k, v in overrides.items() if v is not None})
+    """A config with the given non-None fields replaced (unknown names are a usage error with a did-you-mean)."""
+    if "batch" in overrides:  # the name before 0.2
+        overrides["batch_size"] = overrides.pop("batch")
+    return merge_options(TinyTrainConfig, None, {k: v for k, v in overrides.items() if v is not None}, job="train")
 
 
 def install_weights(path: str | Path) -> Path:

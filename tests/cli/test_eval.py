@@ -36,7 +36,7 @@ def _args(setup, out: Path, *extra: str, students=("full", "r1")) -> list[str]:
     args = ["eval", "--model", "tiny-random", "--prompts", "builtin", "--n", str(N), "--res", RES, "--steps", STEPS,
             "--out", str(out), "--quiet", *setup["nets"], *extra]
     for s in students:
-        args += ["--student", str(setup[s])]
+        args += ["--weights", str(setup[s])]
     return args
 
 
@@ -204,4 +204,4 @@ def test_step_defaults_in_the_help_are_what_runs(setup, tmp_path, cli):
     with Image.open(tmp_path / "g.png") as im:
         gen_steps = json.loads(im.text["stages"])[0]["steps"]
     assert f"tiny {eval_steps})" in helptext("eval")
-    assert f"tiny {gen_steps}]" in helptext("gen")
+    assert f"tiny {gen_steps})" in helptext("gen")  # both from the field docs now

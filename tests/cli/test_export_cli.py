@@ -107,5 +107,5 @@ def test_python_api_is_callable_from_the_package(student, tmp_path):
     import clear_cli
     import clear_cli.jobs.export  # noqa: F401  (importing the job module must not shadow the function)
 
-    res = clear_cli.export(student, "full", out=tmp_path / "api.safetensors", progress=False)
+    res = clear_cli.export(student, format="full", out=tmp_path / "api.safetensors", progress=False)
     assert res.path.is_file() and res.format == "full"

@@ -26,7 +26,7 @@ def distill_args(data: Path, *more: str) -> list[str]:
 
 
 def eval_args(weights: Path, out: Path, *more: str) -> list[str]:
-    return ["eval", *TINY, "--student", str(weights), "--n", "2", "--steps", "2", "--res", "64", "--out", str(out),
+    return ["eval", *TINY, "--weights", str(weights), "--n", "2", "--steps", "2", "--res", "64", "--out", str(out),
             "--metrics", "ssim,psnr", "--quiet", *more]
 
 

@@ -147,7 +147,7 @@ def test_distill_settings_the_cpu_cannot_run(cli, tmp_path, tiny_data, more, nee
     assert not (tmp_path / "d").exists()
 
 
-@pytest.mark.parametrize("option", ["--threads", "--steps", "--batch", "--vae-steps"])
+@pytest.mark.parametrize("option", ["--threads", "--steps", "--batch-size", "--vae-steps"])
 def test_tiny_train_counts_checked_before_the_first_step(cli, tmp_path, option):
     status, _, err = cli("tiny", "train", "--out", str(tmp_path / "t"), option, "0")
     assert status == 2

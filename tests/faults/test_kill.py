@@ -106,7 +106,7 @@ def _weights(tmp_path: Path) -> Path:
 def test_killed_eval_reruns_to_the_same_images_and_figures(tmp_path, seed):
     rng = random.Random(seed)
     w = _weights(tmp_path)
-    args = ["eval", "--model", "tiny", "--student", str(w), "--n", "8", "--steps", "4", "--res", "64",
+    args = ["eval", "--model", "tiny", "--weights", str(w), "--n", "8", "--steps", "4", "--res", "64",
             "--metrics", "ssim,psnr", "--quiet"]
     _run(_clear(*args, "--out", str(tmp_path / "clean")))
     out = tmp_path / "killed"

@@ -278,7 +278,7 @@ def test_comfy_lora_through_stock_loader_equals_the_attention_file(flux, inputs,
     student = _student(tr, tmp_path / "clear_attn.safetensors", 2, 2, seed=11)
     monkeypatch.setattr(pipeline, "load_pipeline", lambda name, **kw: types.SimpleNamespace(transformer=tr))
     lora = comfy.work / "loras" / "clear_lora_comfy.safetensors"
-    export(student, "comfy", energy=1.0, out=lora, overwrite=True, progress=False)
+    export(student, format="comfy", energy=1.0, out=lora, overwrite=True, progress=False)
     with_lora = comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(model, lora.name, 1.0)[0]
     via_lora = node_cls().apply(with_lora, lora.name, 1.0, 0, 0, "tiled", apply_weights=False)[0]
     via_file = node_cls().apply(model, "none", 1.0, 0, 0, "tiled", weights_path=str(student))[0]

@@ -50,7 +50,7 @@ def _random_cases(n: int, seed: int) -> dict:
 
 
 CASES.update(_random_cases(14, 7))
-SUITES = {"default": [c for c in CASES if not c.startswith("random-")] + ["compile", "model"],
+SUITES = {"default": [c for c in CASES if not c.startswith("random-")] + ["compile", "model", "layout"],
           "slow": [c for c in CASES if c.startswith("random-")]}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -174,6 +174,30 @@ def run_model() -> dict:
             "same_layout": True, "n_grads": len(g_ref)}
 
 
+def run_layout() -> dict:
+    """A Kontext layout (target 5x6 + a 3x4 reference after it, 3 text tokens) through `layout.attend` with
+    backend='triton' against the `global` rule's dense mask: forward and gradients."""
+    import torch.nn.functional as F
+
+    from clear_cli.attention.layout import ImageGrid, TokenLayout, attend, layout_mask
+
+    lay = TokenLayout(3, (ImageGrid(0, 0, 5, 6), ImageGrid(1, 30, 3, 4)))
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, 2, lay.seq_len, 32, generator=g) for _ in range(4))
+    leaves = [_make(x, "bnhd").requires_grad_(True) for x in (q, k, v)]
+    out = attend(*leaves, lay, window=2, backend="triton")
+    grads = torch.autograd.grad(out, leaves, do)
+    ref_leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ref_leaves, attn_mask=layout_mask(lay, 2))
+    ref_grads = torch.autograd.grad(ref, ref_leaves, do)
+    err, scale = {}, {}
+    for name, a, bb in zip(("out", "dq", "dk", "dv"), [out, *grads], [ref, *ref_grads]):
+        err[name] = float((a.detach() - bb).abs().max())
+        scale[name] = max(1.0, float(bb.abs().max()))
+    return {"err": err, "scale": scale, "dtype": "fp32", "finite": bool(torch.isfinite(out).all()),
+            "same_layout": True}
+
+
 def main(argv: list[str]) -> None:
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise SystemExit("run with TRITON_INTERPRET=1")
@@ -183,8 +207,8 @@ def main(argv: list[str]) -> None:
         names += SUITES.get(a, [a])
     results = {}
     for name in names:
-        if name in ("compile", "model"):
-            results[name] = run_compiled() if name == "compile" else run_model()
+        if name in ("compile", "model", "layout"):
+            results[name] = {"compile": run_compiled, "model": run_model, "layout": run_layout}[name]()
             continue
         try:
             results[name] = run_case(CASES[name])

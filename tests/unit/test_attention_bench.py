@@ -53,7 +53,8 @@ def test_bench_attention_skips_full_when_too_big(capsys):
 
 @pytest.mark.parametrize("args, words", [(["--res", "1000"], "is not a multiple of 16"),
                                          (["--backends", "fast"], "unknown backend 'fast'"),
-                                         (["--res", "1k", "--down-factor", "3"], "does not divide")])
+                                         (["--res", "1k", "--down-factor", "3"], "does not divide"),
+                                         (["--reference-res", "100"], "is not a multiple of 16")])
 def test_bench_attention_bad_options(capsys, args, words):
     code = run(["bench", "attention", "--no-timing", *args])
     assert code == 2
@@ -95,3 +96,15 @@ def test_bench_attention_reports_a_fallback_under_auto(monkeypatch):
     assert row["auto"]["backend"] == "tiled" and "does not compile" in row["auto"]["why"]
     assert set(row["times_s"]) == {"full", "tiled"} and "tiled" in row["speedup"]
     assert any(n.startswith("auto fell back") for n in row["notes"])
+
+
+def test_bench_attention_with_a_reference_times_the_layout(capsys):
+    """A Kontext reference: its tokens count as global; the kernels run through the layout (timed, in model order)."""
+    code = run(["bench", "attention", "--res", "128", "--reference-res", "64x96", "--window", "2", "--heads", "1",
+                "--head-dim", "8", "--text-len", "3", "--device", "cpu", "--backends", "tiled,reference",
+                "--repeats", "1", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 0
+    r = rows[0]
+    assert r["reference"] == [6, 4] and r["tokens"] == 3 + 64 + 24
+    assert set(r["times_s"]) == {"full", "tiled", "reference"} and not r["notes"]

@@ -170,7 +170,7 @@ def test_our_loras_become_the_same_patches(tiny, students, tmp_path, fmt):
 
     tr, base = tiny
     cfg = tr.config
-    res = export(students[2], fmt, energy=1.0, model="tiny-random", out=tmp_path / f"{fmt}.safetensors",
+    res = export(students[2], format=fmt, energy=1.0, model="tiny-random", out=tmp_path / f"{fmt}.safetensors",
                  progress=False)
     m = apply_clear(_patcher(base, cfg), str(res.path))
     got = m.patched_state()
@@ -186,7 +186,7 @@ def test_apply_weights_off_reads_geometry_and_pools_only(tiny, students, tmp_pat
     from clear_cli.jobs.export import export
 
     tr, base = tiny
-    res = export(students[2], "comfy", rank=4, model="tiny-random", out=tmp_path / "c.safetensors", progress=False)
+    res = export(students[2], format="comfy", rank=4, model="tiny-random", out=tmp_path / "c.safetensors", progress=False)
     m = apply_clear(_patcher(base, tr.config), str(res.path), apply_weights=False)
     assert not m.patches
     patch = m.model_options["transformer_options"][OVERRIDE_KEY].clear_patch

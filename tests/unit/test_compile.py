@@ -250,3 +250,22 @@ def test_cuda_compiled_step_matches_eager(backend):
     torch.testing.assert_close(got2, want2, atol=1e-4, rtol=1e-4)
     comp.uncompile_transformer(tr)
     dynamo.reset()
+
+
+def test_kontext_layout_compiles_fullgraph(transformer):
+    """A target with a reference image (global rule: the permutation to kernel order) traces without a break."""
+    tr = transformer
+    x = inputs(2, (4, 6), 5, seed=3)
+    ref = torch.zeros(3, 4, 3)
+    ref[..., 0] = 1
+    ref[..., 1] = torch.arange(3)[:, None]
+    ref[..., 2] = torch.arange(4)[None, :]
+    x["img_ids"] = torch.cat([x["img_ids"], ref.reshape(12, 3)])
+    x["hidden_states"] = torch.randn(2, 36, 64, generator=torch.Generator().manual_seed(4))
+    clear_cli.linearize(tr, window=2)
+    want = _eager(tr, x)
+    counters.clear()
+    comp.compile_transformer(tr, "on", backend="aot_eager")
+    got = _eager(tr, x)
+    assert _graph_breaks() == 0
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -77,7 +77,7 @@ def test_full_rank_lora_through_stock_loader_reproduces_student(students, tmp_pa
     from clear_cli.models.weights import load_attention_weights, load_tensors
 
     lora = tmp_path / "lora.safetensors"
-    res = export(students[f], "lora", energy=1.0, out=lora, progress=False)
+    res = export(students[f], format="lora", energy=1.0, out=lora, progress=False)
     assert res.window == WINDOW and res.down_factor == f and res.base_model == "tiny-random"
     assert all(r.error < 1e-5 for r in res.layers)
 
@@ -106,14 +106,14 @@ def test_full_rank_lora_through_stock_loader_reproduces_student(students, tmp_pa
 def test_error_falls_as_rank_grows(students, tmp_path):
     errors = []
     for rank in (1, 4, 16, 128):
-        res = export(students[1], "lora", rank=rank, out=tmp_path / f"r{rank}.safetensors", progress=False)
+        res = export(students[1], format="lora", rank=rank, out=tmp_path / f"r{rank}.safetensors", progress=False)
         assert {r.rank for r in res.layers} == {min(rank, 128)}
         errors.append(max(r.error for r in res.layers))
         meta = _meta(res.path)
         assert int(meta["rank"]) == rank and re.search(r'"transformer_blocks\.0\.attn\.to_q": \d+', meta["ranks"])
     assert errors[0] > errors[1] > errors[2] > errors[3] and errors[3] < 1e-5 and errors[0] > 0.5
-    low = export(students[1], "lora", energy=0.5, out=tmp_path / "e50.safetensors", progress=False)
-    high = export(students[1], "lora", energy=0.99, out=tmp_path / "e99.safetensors", progress=False)
+    low = export(students[1], format="lora", energy=0.5, out=tmp_path / "e50.safetensors", progress=False)
+    high = export(students[1], format="lora", energy=0.99, out=tmp_path / "e99.safetensors", progress=False)
     assert max(r.rank for r in low.layers) < min(r.rank for r in high.layers) <= 128
     assert all(r.error <= (1 - 0.5) ** 0.5 + 1e-6 for r in low.layers)
     assert low.size_bytes < high.size_bytes
@@ -130,7 +130,7 @@ def test_choose_rank_rules():
 def test_full_format_is_the_published_layout_with_metadata(students, tmp_path):
     from clear_cli.models.weights import load_attention_weights
 
-    res = export(students[4], "full", out=tmp_path / "full.safetensors", progress=False)
+    res = export(students[4], format="full", out=tmp_path / "full.safetensors", progress=False)
     src = load_attention_weights(students[4])
     got = load_attention_weights(res.path)
     assert got.kind == "clear" and (got.window, got.down_factor) == (WINDOW, 4)
@@ -146,8 +146,8 @@ def test_lora_and_full_give_the_same_model(students, tmp_path):
     from clear_cli.models import load_pipeline
     from clear_cli.models.weights import apply_attention_weights, load_attention_weights
 
-    lora = export(students[4], "lora", energy=1.0, out=tmp_path / "l.safetensors", progress=False).path
-    full = export(students[4], "full", out=tmp_path / "f.safetensors", progress=False).path
+    lora = export(students[4], format="lora", energy=1.0, out=tmp_path / "l.safetensors", progress=False).path
+    full = export(students[4], format="full", out=tmp_path / "f.safetensors", progress=False).path
     states = []
     for path in (lora, full):
         pipe = load_pipeline("tiny-random")
@@ -158,7 +158,7 @@ def test_lora_and_full_give_the_same_model(students, tmp_path):
     worst = max((states[0][k] - states[1][k]).abs().max().item() for k in states[0])
     assert worst < 1e-5
     # and a LoRA turns back into the full file (materialized on the base model)
-    back = load_attention_weights(export(lora, "full", out=tmp_path / "b.safetensors", progress=False).path)
+    back = load_attention_weights(export(lora, format="full", out=tmp_path / "b.safetensors", progress=False).path)
     src = load_attention_weights(students[4])
     assert back.window == WINDOW and sorted(back.tensors) == sorted(src.tensors)
     assert max((back.tensors[k] - src.tensors[k]).abs().max().item() for k in src.tensors) < 1e-5
@@ -170,7 +170,7 @@ def test_mixed_ranks_load_at_scale_one_in_stock_diffusers(students, tmp_path):
     from clear_cli.models import load_pipeline
     from clear_cli.models.weights import apply_attention_weights, load_attention_weights
 
-    res = export(students[1], "lora", energy=0.8, out=tmp_path / "mixed.safetensors", progress=False)
+    res = export(students[1], format="lora", energy=0.8, out=tmp_path / "mixed.safetensors", progress=False)
     ranks = {r.rank for r in res.layers}
     assert len(ranks) > 1, ranks
     stock = load_pipeline("tiny-random")
@@ -190,10 +190,10 @@ def test_published_checkpoint_becomes_a_lora(tmp_path):
 
     pub = _make_student(tmp_path / f"clear_local_{WINDOW}_down_4.safetensors", 4, metadata=False, seed=3)
     with pytest.raises(UsageError) as e:  # published files were distilled from FLUX.1-dev: another model says so
-        export(pub, "lora", rank=8, model="tiny-random", out=tmp_path / "no.safetensors", progress=False)
+        export(pub, format="lora", rank=8, model="tiny-random", out=tmp_path / "no.safetensors", progress=False)
     assert "trained from black-forest-labs/FLUX.1-dev" in str(e.value) and "--base" in e.value.one_line()
     # here tiny-random stands in for FLUX.1-dev: --base names what they were trained from
-    res = export(pub, "lora", rank=8, base="tiny-random", out=tmp_path / "pub_lora.safetensors", progress=False)
+    res = export(pub, format="lora", rank=8, base="tiny-random", out=tmp_path / "pub_lora.safetensors", progress=False)
     w = load_attention_weights(res.path)
     assert (w.kind, w.window, w.down_factor, w.base_model) == ("lora", WINDOW, 4, "tiny-random")
     assert {d.rank for d in w.lora.values()} == {8} and len(w.tensors) == 4
@@ -219,7 +219,7 @@ def test_comfy_layout_applied_with_comfyui_math_gives_the_student(students, tmp_
     from clear_cli.models import load_pipeline
     from clear_cli.models.weights import load_attention_weights
 
-    res = export(students[4], "comfy", energy=1.0, out=tmp_path / "comfy.safetensors", progress=False)
+    res = export(students[4], format="comfy", energy=1.0, out=tmp_path / "comfy.safetensors", progress=False)
     with safe_open(str(res.path), framework="pt") as fh:
         lora = {k: fh.get_tensor(k) for k in fh.keys()}
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in lora

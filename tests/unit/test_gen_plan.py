@@ -154,7 +154,7 @@ def test_planned_sigmas_run_unshifted_in_the_scheduler():
 def test_outputs_names_and_prompts(tmp_path):
     assert slug("A blue plane, over the SEA!") == "a-blue-plane-over-the-sea"
     assert slug("!!!") == "image"
-    cfg = GenConfig(out=str(tmp_path), seed=5, num_images=2)
+    cfg = GenConfig(out=str(tmp_path), seed=5, n=2)
     plans = plan_outputs(["a cat", "a dog"], cfg)
     assert [p.name for _, _, p in plans] == ["a-cat_5.png", "a-cat_6.png", "a-dog_5.png", "a-dog_6.png"]
     one = plan_outputs(["a cat"], GenConfig(out=str(tmp_path / "x.png")))

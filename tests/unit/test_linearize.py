@@ -200,8 +200,12 @@ def test_bad_settings_are_value_errors():
         clear_cli.linearize(tr, down_factor=0)
     with pytest.raises(ValueError, match="backend 'fast'"):
         clear_cli.linearize(tr, backend="fast")
-    with pytest.raises(ValueError, match="expected a FluxPipeline or a FLUX transformer"):
+    with pytest.raises(ValueError, match="linearize found a Linear .no FluxAttention modules.; it supports Flux"):
         clear_cli.linearize(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="reference_rule 'near' is not one of global, shared, own"):
+        clear_cli.linearize(tr, reference_rule="near")
+    with pytest.raises(ValueError, match="runs on backend='reference' with down_factor 1 only"):
+        clear_cli.linearize(tr, backend="tiled", reference_rule="shared")
     assert not is_linearized(tr)
     clear_cli.linearize(tr, window=2, down_factor=4, backend="reference")
     with pytest.raises(ValueError, match="down_factor 4 does not divide the token grid 4x6"):

@@ -36,7 +36,7 @@ def files(tmp_path_factory, tiny_random_pipe):
 
     d = tmp_path_factory.mktemp("stack")
     student = write_student(d / "clear_attn.safetensors", tiny_random_pipe.transformer, window=WINDOW, noise=0.3)
-    clear = export(student, "lora", energy=1.0, out=d / "clear_lora.safetensors", progress=False).path
+    clear = export(student, format="lora", energy=1.0, out=d / "clear_lora.safetensors", progress=False).path
     return {"student": student, "clear": clear, "style": _style_lora(d / "style.safetensors", tiny_random_pipe)}
 
 

@@ -170,7 +170,7 @@ def test_lora_is_relabelled_and_metadata_override_is_said(world, tmp_path):
     from clear_cli.models.rebase import for_model
     from clear_cli.models.weights import load_attention_weights
 
-    lora = export(world["s_path"], "lora", energy=1.0, out=tmp_path / "l.safetensors", progress=False).path
+    lora = export(world["s_path"], format="lora", energy=1.0, out=tmp_path / "l.safetensors", progress=False).path
     w = load_attention_weights(lora)
     said: list[str] = []
     got = for_model(w, str(world["m_dir"]), "tiny-random", warn=said.append)
@@ -188,13 +188,13 @@ def test_export_base_makes_a_lora_that_stacks_on_the_derivative(world, tmp_path)
 
     m = str(world["m_dir"])
     with pytest.raises(UsageError) as e:
-        export(world["s_path"], "lora", model=m, out=tmp_path / "no.safetensors", progress=False)
+        export(world["s_path"], format="lora", model=m, out=tmp_path / "no.safetensors", progress=False)
     assert "--base tiny-random" in e.value.one_line() and not (tmp_path / "no.safetensors").exists()
 
-    res = export(world["s_path"], "lora", energy=1.0, model=m, base="tiny-random", out=tmp_path / "d.safetensors",
+    res = export(world["s_path"], format="lora", energy=1.0, model=m, base="tiny-random", out=tmp_path / "d.safetensors",
                  progress=False)
     assert res.base_model == "tiny-random" and res.model == m and "delta against tiny-random" in res.summary_lines()[0]
-    plain = export(world["s_path"], "lora", energy=1.0, out=tmp_path / "p.safetensors", progress=False)
+    plain = export(world["s_path"], format="lora", energy=1.0, out=tmp_path / "p.safetensors", progress=False)
     a, b = load_attention_weights(res.path), load_attention_weights(plain.path)
     assert a.metadata["model"] == m and a.base_model == "tiny-random"
     assert all(torch.equal(a.lora[k].B @ a.lora[k].A, b.lora[k].B @ b.lora[k].A) for k in b.lora)  # same delta
@@ -209,7 +209,7 @@ def test_export_base_makes_a_lora_that_stacks_on_the_derivative(world, tmp_path)
         key = k if k in fused else k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
         assert torch.allclose(fused[key], own[k] + v - base[k], atol=1e-5), k
 
-    full = export(world["s_path"], "full", model=m, base="tiny-random", out=tmp_path / "f.safetensors",
+    full = export(world["s_path"], format="full", model=m, base="tiny-random", out=tmp_path / "f.safetensors",
                   progress=False)
     fw = load_attention_weights(full.path)
     assert fw.base_model == m and fw.metadata["delta_base"] == "tiny-random" and "its projections" in \
@@ -245,7 +245,7 @@ def test_gen_with_an_exported_delta_lora_equals_the_rebased_file(world, tmp_path
     from clear_cli.models import load_pipeline
 
     m = str(world["m_dir"])
-    lora = export(world["s_path"], "lora", energy=1.0, model=m, base="tiny-random", out=tmp_path / "l.safetensors",
+    lora = export(world["s_path"], format="lora", energy=1.0, model=m, base="tiny-random", out=tmp_path / "l.safetensors",
                   progress=False).path
     pipe = load_pipeline(m)
     imgs = []

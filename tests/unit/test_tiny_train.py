@@ -26,7 +26,7 @@ def _last_losses(path):
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     cfg = config_from_options(**SMALL)
-    full = train(tmp_path / "a", cfg, progress=False)
+    full = train(cfg, out=tmp_path / "a", progress=False)
     assert full.finished and full.weights.is_file()
 
     def stop(stage, step, loss):
@@ -34,13 +34,13 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(tmp_path / "b", cfg, progress=False, on_step=stop)
+        train(cfg, out=tmp_path / "b", progress=False, on_step=stop)
     state = json.loads((tmp_path / "b" / "state.json").read_text())
     assert state["stage"] == "flux" and state["step"] == 2
     with pytest.raises(ClearError, match="already holds") as err:
-        train(tmp_path / "b", cfg, progress=False)
+        train(cfg, out=tmp_path / "b", progress=False)
     assert "--resume auto" in err.value.hint
-    resumed = train(tmp_path / "b", cfg, progress=False, resume="auto")
+    resumed = train(cfg, out=tmp_path / "b", progress=False, resume="auto")
     assert resumed.finished
     la, lb = _last_losses(tmp_path / "a" / "train_log.jsonl"), _last_losses(tmp_path / "b" / "train_log.jsonl")
     assert la.keys() == lb.keys()
@@ -53,13 +53,13 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
     # a finished run resumed again is a no-op; other settings (or fewer steps) are refused
-    assert train(tmp_path / "b", cfg, progress=False, resume="auto").finished
+    assert train(cfg, out=tmp_path / "b", progress=False, resume="auto").finished
     with pytest.raises(ClearError, match="other settings"):
-        train(tmp_path / "b", config_from_options(**{**SMALL, "res": 48}), progress=False, resume="auto")
+        train(config_from_options(**{**SMALL, "res": 48}), out=tmp_path / "b", progress=False, resume="auto")
     with pytest.raises(ClearError, match="fewer"):
-        train(tmp_path / "b", config_from_options(**{**SMALL, "steps": 3}), progress=False, resume="auto")
+        train(config_from_options(**{**SMALL, "steps": 3}), out=tmp_path / "b", progress=False, resume="auto")
     # more transformer steps continue the finished run's flux stage from its last checkpoint
-    longer = train(tmp_path / "b", config_from_options(**{**SMALL, "steps": 6}), progress=False, resume="auto")
+    longer = train(config_from_options(**{**SMALL, "steps": 6}), out=tmp_path / "b", progress=False, resume="auto")
     assert longer.finished and longer.step == 6
     assert ("flux", 6) in _last_losses(tmp_path / "b" / "train_log.jsonl")
     wc = load_file(str(longer.weights))
@@ -73,7 +73,7 @@ def test_trained_file_loads_into_the_stock_pipeline(tmp_path):
     from clear_cli.models import tiny
 
     cfg = config_from_options(**SMALL)
-    res = train(tmp_path / "r", cfg, progress=False)
+    res = train(cfg, out=tmp_path / "r", progress=False)
     comps = tiny.build_components(0)
     tiny.load_trained(comps, res.weights)
     log = [json.loads(line) for line in open(tmp_path / "r" / "train_log.jsonl")]
@@ -95,7 +95,7 @@ def test_text_encoders_train_only_when_asked(tmp_path):
 
     seeded = tiny.build_components(0)
     for train_text in (True, False):
-        res = train(tmp_path / str(train_text), config_from_options(**SMALL, train_text=train_text), progress=False)
+        res = train(config_from_options(**SMALL, train_text=train_text), out=tmp_path / str(train_text), progress=False)
         w = load_file(str(res.weights))
         for name in ("text_encoder", "text_encoder_2"):
             ref = seeded[name].state_dict()
@@ -111,7 +111,7 @@ def test_a_flux_checkpoint_can_be_checked_while_the_run_goes_on(tmp_path):
     from clear_cli.errors import UsageError
     from clear_cli.tiny.checks import _pipe
 
-    res = train(tmp_path / "r", config_from_options(**SMALL), progress=False)
+    res = train(config_from_options(**SMALL), out=tmp_path / "r", progress=False)
     ckpt = tmp_path / "r" / "checkpoints" / "flux_000002.safetensors"
     pipe = _pipe(str(ckpt), "cpu")
     state = load_file(str(ckpt))
