@@ -786,7 +786,7 @@ def distill(config: DistillConfig | str | Path | Recipe | dict | None = None, *,
     _check_device(p.recipe, device, cpu)
     main = n_proc == 1 or PartialState(cpu=cpu).is_main_process
     with OutLock(p.out, "distill") if main else contextlib.nullcontext():
-        return _distill(p, device, cpu, progress, pipe)
+        return _distill(p, device, cpu, progress, pipe, log)
 
 
 def _check_device(recipe: Recipe, device: str, cpu: bool) -> None:
@@ -801,7 +801,7 @@ def _check_device(recipe: Recipe, device: str, cpu: bool) -> None:
                          "use --set backend=auto (the tiled kernel on CPU)")
 
 
-def _distill(p: _Plan, device: str, cpu: bool, progress: bool, pipe) -> DistillResult:
+def _distill(p: _Plan, device: str, cpu: bool, progress: bool, pipe, log: Log | None) -> DistillResult:
     acc = _make_accelerator(p.recipe, p.out, "cpu" if cpu else device)
     from clear_cli.models import fit
 
