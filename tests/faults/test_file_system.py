@@ -187,3 +187,19 @@ def test_model_save_overwrite_replaces_its_own_folder(cli, tmp_path):
     status, _, err = cli("model", "save", "--model", "tiny-random", "--out", str(out), "--overwrite")
     assert status == 0, err
     assert (out / "model_index.json").is_file()
+
+
+def test_tiny_train_overwrite_deletes_only_its_own_files(tmp_path):
+    from clear_cli.tiny.train import OWNED, TinyTrainConfig, _open_run
+
+    out = tmp_path / "t"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "vae_000200.safetensors").write_bytes(b"old")
+    (out / "state.json").write_text('{"stage": "vae", "step": 200}')
+    (out / "train_log.jsonl").write_text("{}\n")
+    (out / "notes.txt").write_text("mine")
+    (out / "data").mkdir()
+    _open_run(out, TinyTrainConfig(out=str(out)), None, True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "data").is_dir()
+    assert not (out / "state.json").exists() and not list((out / "checkpoints").iterdir())
+    assert set(OWNED) >= {"state.json", "train_log.jsonl", "checkpoints"}
