@@ -91,6 +91,10 @@ def clear_processors(model) -> list[ClearFluxAttnProcessor]:
 
 
 def is_linearized(model) -> bool:
+    from clear_cli.attention.wan import is_wan, is_wan_linearized
+
+    if is_wan(model):
+        return is_wan_linearized(model)
     return getattr(_transformer(model), STATE_ATTR, None) is not None
 
 
@@ -127,7 +131,8 @@ def _settings(window: int, down_factor: int, backend: str, proportional_attentio
 
 def linearize(model, window: int = 16, down_factor: int = 1, backend: str = "auto", *,
               proportional_attention: bool = False, train_seq_len: int | None = None, ntk_factor: float | None = None,
-              log_scale_factor: float | None = None, keep_teacher: bool = False, reference_rule: str = "global"):
+              log_scale_factor: float | None = None, keep_teacher: bool = False, reference_rule: str = "global",
+              time_window: int | None = None):
     """Install CLEAR processors in every FluxAttention of `model` (a FluxPipeline or FLUX transformer); return it.
 
     window: circle radius in image tokens (16 px each for FLUX); down_factor: f > 1 adds (H/f)(W/f) pooled keys with
@@ -141,7 +146,11 @@ def linearize(model, window: int = 16, down_factor: int = 1, backend: str = "aut
     backend) or, to measure the choice, `shared` / `own` (dense mask, small sizes only).
     A pipeline's ControlNet (FluxControlNetPipeline) is linearized with the same settings.
     Calling it again replaces every setting; pooling weights survive when f is unchanged, teacher copies always.
+    time_window: for a video model (Wan: `attention.wan`), the temporal radius in latent frames (0 = same frame).
     """
+    if _video_model(model, time_window, down_factor, proportional_attention, ntk_factor, keep_teacher):
+        from clear_cli.attention.wan import linearize_wan
+        return linearize_wan(model, window, time_window, backend, ntk_factor=ntk_factor)
     transformer = _transformer(model)
     settings = _settings(window, down_factor, backend, proportional_attention, train_seq_len, ntk_factor,
                          log_scale_factor, reference_rule)
@@ -178,8 +187,29 @@ def _install(transformer: nn.Module, settings: ClearSettings, keep_teacher: bool
         rope.scale_rope(transformer, settings.ntk_factor)
 
 
+def _video_model(model, time_window, down_factor, proportional_attention, ntk_factor, keep_teacher) -> bool:
+    """True for a Wan model (after checking the options it takes); ValueError for time_window on an image model."""
+    from clear_cli.attention.wan import is_wan
+
+    if not is_wan(model):
+        if time_window is not None:
+            raise ValueError("time_window is for video models (Wan); an image model takes window alone")
+        return False
+    if time_window is None:
+        raise ValueError("a video model needs time_window too (temporal radius in latent frames; 0 = same frame), "
+                         "e.g. linearize(pipe, window=16, time_window=4)")
+    if down_factor != 1 or proportional_attention or keep_teacher:
+        raise ValueError("Wan takes window, time_window, backend and ntk_factor only so far (no down_factor, "
+                         "proportional attention or keep_teacher)")
+    return True
+
+
 def unlinearize(model):
     """Restore the processors (and RoPE) that were installed before `linearize`; a no-op on a stock model."""
+    from clear_cli.attention.wan import is_wan, unlinearize_wan
+
+    if is_wan(model):
+        return unlinearize_wan(model)
     for module in [_transformer(model), *_controlnets(model)]:
         _uninstall(module)
     return model

@@ -9,6 +9,7 @@ import typer
 from clear_cli.cli.options import Extra, config_command, progress_option
 from clear_cli.errors import UsageError
 from clear_cli.jobs.bench import AttentionBenchConfig
+from clear_cli.jobs.bench_video import VideoBenchConfig
 
 
 def register(app: typer.Typer) -> None:
@@ -56,5 +57,35 @@ def register(app: typer.Typer) -> None:
         else:
             label = "peak MB" if "cuda" in cfg.device or cfg.device == "auto" else "RSS high-water MB"
             print(format_table(rows, peak_label=label))
+
+    @bench.command("video")
+    @config_command(VideoBenchConfig,
+                    extras=[Extra("json_out", bool, False, ("--json",), "Print JSON instead of a table."),
+                            *progress_option()])
+    def video(cfg: VideoBenchConfig, json_out: bool, progress: bool) -> None:
+        """3-D CLEAR (space and time) on Wan 2.1 video grids: tokens, FLOPs, schedule work, whole-layer ratio, times."""
+        from clear_cli.attention.video_kernels import VIDEO_BACKENDS
+        from clear_cli.attention.video_sizes import MODELS
+        from clear_cli.jobs.bench_video import bench_video_attention, format_video_table, video_grid
+
+        bad = [b for b in cfg.backends if b not in VIDEO_BACKENDS]
+        if bad:
+            raise UsageError(f"--backends: {bad[0]!r} is not a video backend", f"use {', '.join(VIDEO_BACKENDS)}")
+        if cfg.wan not in MODELS:
+            raise UsageError(f"--wan {cfg.wan!r} is not a Wan 2.1 shape", f"use {' or '.join(MODELS)}")
+        if min(cfg.window, cfg.repeats, cfg.head_dim, cfg.batch_size) < 1 or min(cfg.time_window, cfg.heads) < 0:
+            raise UsageError("--window, --repeats, --head-dim and --batch-size must be >= 1, "
+                             "--time-window and --heads >= 0")
+        for s in cfg.res:
+            try:
+                video_grid(s, cfg.frames)
+            except ValueError as e:
+                raise UsageError(f"--res/--frames: {e}", "use 480p, 720p or WxH pixels and 4k + 1 frames") from None
+        log = None if json_out or not progress else (lambda s: typer.echo(s, err=True))
+        try:
+            rows = bench_video_attention(cfg, log=log).rows
+        except ValueError as e:   # e.g. a backend this device cannot run
+            raise UsageError(str(e)) from None
+        print(json.dumps(rows, indent=2) if json_out else format_video_table(rows))
 
     app.add_typer(bench, name="bench")

@@ -13,7 +13,7 @@ from clear_cli.flux import DEFAULT_MODEL
 
 # The job commands: each must be built by config_command from its config (a hand-typed option would drift).
 JOB_COMMANDS = {("gen",), ("synth",), ("eval",), ("export",), ("distill",), ("demo",), ("tiny", "train"),
-                ("tiny", "check"), ("bench", "attention")}
+                ("tiny", "check"), ("bench", "attention"), ("bench", "video")}
 OLD_SPELLINGS = {"--num-images", "--samples", "--student", "--batch", "--quiet"}
 
 
