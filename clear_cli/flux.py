@@ -25,6 +25,8 @@ TINY_BASE_RES = 128  # the size the built-in tiny FLUX trains at (docs/tiny.md)
 RANDOM_MODELS = ("flux-dev-random",)  # FLUX.1-dev's architecture with seeded random weights (models/flux_dev.py)
 QWEN_TINY_MODELS = ("qwen-image-tiny-random",)  # Qwen-Image's architecture at test size (models/qwen_image.py)
 BUILTIN_MODELS = TINY_MODELS + RANDOM_MODELS + QWEN_TINY_MODELS
+# The built-in tiny Wan (a video model: WanPipeline, not FLUX), trained and random (clear_cli/models/tiny_wan.py)
+TINY_VIDEO_MODELS = ("tiny-wan", "tiny-wan-random")
 
 
 @dataclass(frozen=True)
