@@ -296,6 +296,10 @@ def train(config: TinyWanTrainConfig | None = None, *, log: Log | None = None, p
     cfg = merge_options(TinyWanTrainConfig, config, options, job="video_train")  # NaN/inf refused there
     if cfg.minutes is not None and cfg.minutes <= 0:
         raise UsageError(f"--minutes must be positive, got {cfg.minutes}")
+    small = [f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+             if f.type in (int, "int") and f.name not in ("seed", "warmup") and getattr(cfg, f.name) < 1]
+    if small:  # before the VAE stage, not after it; a 0-step run would write an untrained model
+        raise UsageError(f"{', '.join(small)}: must be at least 1")
     check_out_dir(cfg.out)
     result = _train(Path(cfg.out), cfg, progress=progress, on_step=on_step)
     say = sayer(log)
