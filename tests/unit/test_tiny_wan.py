@@ -122,8 +122,8 @@ def test_shipped_weights_load_and_make_videos():
     assert np.asarray(out).shape == (1, 5, 32, 48, 3)
 
 
-SMALL = dict(size=32, frames=5, vae_frames=5, vae_steps=2, vae_batch=2, vae_crop=16, cache_size=4, steps=4, batch_size=2,
-             warmup=1, ckpt_every=2, log_every=1)
+SMALL = dict(size=32, frames=5, vae_frames=5, vae_steps=2, vae_batch=2, vae_crop=16, cache_size=4, steps=4,
+             batch_size=2, warmup=1, ckpt_every=2, log_every=1)
 
 
 def test_training_resumes_exactly(tmp_path):
@@ -138,10 +138,14 @@ def test_training_resumes_exactly(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train(out=tmp_path / "b", progress=False, on_step=stop, **SMALL)
-    assert json.loads((tmp_path / "b" / "state.json").read_text())["stage"] == "wan"
+    state = json.loads((tmp_path / "b" / "state.json").read_text())
+    assert state["stage"] == "wan"
+    # the recipe only (how a call runs is not compared on resume), batch_size under the key runs first wrote
+    assert not {"out", "minutes", "resume", "install", "batch_size"} & set(state["config"])
+    assert state["config"]["batch"] == 2
     with pytest.raises(ClearError, match="already holds"):
         train(out=tmp_path / "b", progress=False, **SMALL)
-    resumed = train(out=tmp_path / "b", progress=False, resume="auto", **SMALL)
+    resumed = train(out=tmp_path / "b", progress=False, resume="auto", minutes=60, **SMALL)
     assert resumed.finished
     wa, wb = load_file(str(full.weights)), load_file(str(resumed.weights))
     assert wa.keys() == wb.keys()
