@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from clear_cli.errors import ClearError, UsageError
-from clear_cli.flux import DEFAULT_MODEL, QWEN_TINY_MODELS, RANDOM_MODELS, TINY_MODELS
+from clear_cli.flux import DEFAULT_MODEL, QWEN_TINY_MODELS, RANDOM_MODELS, TINY_MODELS, WAN_TINY_MODELS
 from clear_cli.models.weights import POOL_SUFFIX, AttnWeights, resolve_spec
 
 PUBLISHED_BASE = DEFAULT_MODEL  # the authors distilled every published CLEAR checkpoint from FLUX.1-dev
@@ -53,7 +53,7 @@ def canonical(model: str) -> str:
     """One spelling per model: built-in names as they are, hub ids lower-cased, local paths resolved (a hub-cache
     snapshot folder counts as its hub id)."""
     text = str(model).strip()
-    if text in TINY_MODELS or text in RANDOM_MODELS or text in QWEN_TINY_MODELS:
+    if text in TINY_MODELS or text in RANDOM_MODELS or text in QWEN_TINY_MODELS or text in WAN_TINY_MODELS:
         return text
     path = Path(text).expanduser()
     if path.exists():
