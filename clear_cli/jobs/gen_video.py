@@ -56,7 +56,7 @@ def check_video_options(cfg) -> None:
         ("--image", cfg.image), ("--mask", cfg.mask), ("--control", cfg.control), ("--kontext", cfg.kontext),
         ("--base", cfg.base), ("--parallel", cfg.parallel != "none"), ("--offload", cfg.offload)) if on]
     if unsupported:
-        raise UsageError(f"{', '.join(unsupported)} do not run with --frames (video) yet",
+        raise UsageError(f"not with --frames (video) yet: {', '.join(unsupported)}",
                          "video runs zero-shot 3-D CLEAR: --window, --time-window, --res, --steps, --guidance")
 
 
@@ -111,8 +111,6 @@ def generate_video(cfg, plist: list[str], *, say: Log, pipe=None) -> list[dict[s
         width = height = model_defaults(cfg.model).base_res
     else:
         width, height = WAN_SIZE
-    if width % 16 or height % 16:
-        raise UsageError(f"--res {width}x{height}: video sides must be multiples of 16 px (one token)", None)
     steps = cfg.steps or model_defaults(cfg.model).steps
     window = DEFAULT_WINDOW if cfg.window is None else cfg.window
     time_window = DEFAULT_TIME_WINDOW if cfg.time_window is None else cfg.time_window
