@@ -52,3 +52,17 @@ def test_bad_video_combinations_are_one_line_exit_2(cli, tmp_path, args, says):
     assert code == 2 and len(lines) == 1, err
     assert says in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_model_info_on_wan(cli):
+    code, out, err = cli("model", "info", "--model", "wan-tiny-random")
+    assert code == 0, err
+    assert "family wan: WanPipeline" in out and "2 attention blocks, 2 heads x 12" in out
+    assert "cross-attention" in out and "image branch" not in out
+
+
+def test_synth_refuses_wan_in_one_line(cli, tmp_path):
+    code, _, err = cli("synth", "--model", "wan-tiny-random", "--n", "2", "--out", str(tmp_path / "d"))
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "does not run on wan models yet" in lines[0], err
+    assert not any((tmp_path / "d").glob("*"))   # synth may have made the (empty) folder, nothing in it
