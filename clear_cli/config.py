@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -66,7 +67,7 @@ def merge_options(cls: type[T], config: Any = None, options: dict[str, Any] | No
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UsageError(f"{job}() got an unknown option {key!r}{hint}", f"its options: {', '.join(names)}")
         setattr(cfg, key, _plain(value, hints[key]))
-    return cfg
+    return check_finite(cfg)  # NaN/inf in any float field, from the CLI or a Python call: one rule, here
 
 
 def _plain(value: Any, tp: Any) -> Any:
@@ -169,6 +170,9 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(f"{path}: expected a number, got {value!r}")
             return value
+        if not math.isfinite(value):
+            errors.append(f"{path}: {value!r} is not a finite number")
+            return value
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -217,6 +221,31 @@ def from_dict(cls: type[T], data: dict, source: str = "config") -> T:
     if errors:
         n = len(errors)
         raise UsageError(f"{source}: {n} problem{'s' if n > 1 else ''}: " + "; ".join(errors))
+    return obj
+
+
+def non_finite(obj: Any, prefix: str = "--") -> list[str]:
+    """Every float field of a config dataclass (nested ones too) that holds NaN or inf, as problems naming the
+    option (`--guidance nan is not a finite number`). The one finiteness rule for configs built from CLI options
+    or Python calls (YAML and --set values are checked on conversion)."""
+    problems: list[str] = []
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        name = f"{prefix}{f.name.replace('_', '-')}" if prefix == "--" else f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            problems += non_finite(v, f"{name}." if prefix != "--" else f"{f.name}.")
+        elif isinstance(v, float) and not math.isfinite(v):
+            problems.append(f"{name} {v!r} is not a finite number")
+        elif isinstance(v, (list, tuple)) and any(isinstance(x, float) and not math.isfinite(x) for x in v):
+            problems.append(f"{name} {list(v)!r} holds a value that is not a finite number")
+    return problems
+
+
+def check_finite(obj: Any) -> Any:
+    """`non_finite` as one UsageError (exit 2); returns `obj` so a job can write `cfg = check_finite(cfg)`."""
+    problems = non_finite(obj)
+    if problems:
+        raise UsageError("; ".join(problems), "pass a real number (NaN and inf are never meaningful settings)")
     return obj
 
 
@@ -273,7 +302,10 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise UsageError(f"config file not found: {p}", "check the path, e.g. recipes/tiny.yaml")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise UsageError(f"{p} is not a text file (not UTF-8)", "pass a YAML recipe such as recipes/tiny.yaml") \
+            from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -26,7 +26,9 @@ RANDOM_MODELS = ("flux-dev-random",)  # FLUX.1-dev's architecture with seeded ra
 QWEN_TINY_MODELS = ("qwen-image-tiny-random",)  # Qwen-Image's architecture at test size (models/qwen_image.py)
 WAN_TINY_MODELS = ("wan-tiny-random",)  # Wan 2.1's architecture at test size, a video model (models/wan.py)
 BUILTIN_MODELS = TINY_MODELS + RANDOM_MODELS + QWEN_TINY_MODELS + WAN_TINY_MODELS
-VIDEO_MODELS = WAN_TINY_MODELS  # built-in names of video models (`clear gen --frames`)
+# The built-in tiny Wan (a video model: WanPipeline, not FLUX), trained and random (clear_cli/models/tiny_wan.py)
+TINY_VIDEO_MODELS = ("tiny-wan", "tiny-wan-random")
+VIDEO_MODELS = WAN_TINY_MODELS + TINY_VIDEO_MODELS  # built-in names of video models (`clear gen --frames`)
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ FLUX_DEFAULTS = ModelDefaults(base_res=BASE_RES, steps=28, refine_steps=20)  # 2
 # 20 steps as the tiny model's own checks sample; refinement kept short so CPU runs stay quick
 TINY_DEFAULTS = ModelDefaults(base_res=TINY_BASE_RES, steps=20, refine_steps=8)
 WAN_TINY_DEFAULTS = ModelDefaults(base_res=64, steps=4, refine_steps=4)   # untrained: a few steps show the path
+TINY_WAN_DEFAULTS = ModelDefaults(base_res=64, steps=20, refine_steps=8)   # the trained tiny Wan's checks sample so
 
 
 def is_tiny(model: object) -> bool:
@@ -51,6 +54,8 @@ def is_tiny(model: object) -> bool:
 def model_defaults(model: object) -> ModelDefaults:
     if str(model) in WAN_TINY_MODELS:
         return WAN_TINY_DEFAULTS
+    if str(model) in TINY_VIDEO_MODELS:
+        return TINY_WAN_DEFAULTS
     return TINY_DEFAULTS if is_tiny(model) or str(model) in QWEN_TINY_MODELS else FLUX_DEFAULTS
 
 

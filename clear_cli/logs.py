@@ -25,3 +25,25 @@ def warner(log: Log | None) -> Log:
         else:
             log(f"warning: {msg}")
     return warn
+
+
+NOT_A_TERMINAL_INTERVAL = 30.0  # seconds between progress lines in a CI log, a pipe or nohup.out
+
+
+def progress_bar(*args, **kw):
+    """tqdm, as every job's progress bar: on a terminal as usual; when its stream is not a terminal (a pipe, CI, a
+    log file) at most one update every 30 s, so a log holds a few lines rather than every frame."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    stream = kw.get("file") or sys.stderr
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    if not tty:
+        kw["mininterval"] = max(float(kw.get("mininterval") or 0.1), NOT_A_TERMINAL_INTERVAL)
+        kw["dynamic_ncols"] = False
+        kw.setdefault("ncols", 100)
+    return tqdm(*args, **kw)

@@ -9,7 +9,7 @@ import traceback
 import typer
 
 from clear_cli import __version__
-from clear_cli.errors import ClearError
+from clear_cli.errors import ClearError, embedded_os_error, os_error
 
 app = typer.Typer(
     name="clear",
@@ -71,17 +71,39 @@ def run(argv: list[str] | None = None, prog_name: str = "clear") -> int:
         app(args=argv, prog_name=prog_name)
     except SystemExit as e:
         code = e.code
+        if code == 130:  # Typer turns Ctrl-C into a silent exit 130
+            _interrupted()
         return code if isinstance(code, int) else (0 if code is None else 1)
     except ClearError as e:
-        if debug_enabled():
-            traceback.print_exc()
-        print(e.one_line(), file=sys.stderr)
-        return e.exit_code
+        return _fail(e)
+    except OSError as e:  # the safety net: a file-system fault any job let through is one line too
+        return _fail(os_error(e, "cannot read" if _reading(e) else "cannot write"))
     except KeyboardInterrupt:
-        print("error: interrupted (outputs written so far are kept; rerun the same command to resume)",
-              file=sys.stderr)
+        _interrupted()
         return 130
+    except Exception as e:  # a library's wrapper around an I/O fault (safetensors inside accelerate's save_state)
+        inner = embedded_os_error(e)
+        if inner is None:
+            raise
+        return _fail(os_error(inner))
     return 0
+
+
+def _fail(e: ClearError) -> int:
+    if debug_enabled():
+        traceback.print_exc()
+    print(e.one_line(), file=sys.stderr)
+    return e.exit_code
+
+
+def _reading(e: OSError) -> bool:
+    import errno
+
+    return e.errno in (errno.ENOENT, errno.EISDIR) and not str(e.filename or "").endswith(".tmp")
+
+
+def _interrupted() -> None:
+    print("error: interrupted (outputs written so far are kept; rerun the same command to resume)", file=sys.stderr)
 
 
 def main() -> None:

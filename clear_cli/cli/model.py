@@ -74,6 +74,11 @@ def info(
             print(f"  {line}")
 
 
+# what save_pretrained writes for a FLUX pipeline: all that `model save --overwrite` may replace
+DIFFUSERS_ENTRIES = ("model_index.json", "transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer",
+                     "tokenizer_2", "scheduler", "image_encoder", "feature_extractor")
+
+
 @model_app.command("save")
 def save(
     out: Path = typer.Option(..., "--out", help="Directory to write (must not exist unless --overwrite)."),
@@ -81,11 +86,17 @@ def save(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing directory."),
 ) -> None:
     """Save a model as a normal diffusers directory that stock `FluxPipeline.from_pretrained` loads."""
-    from clear_cli.files import atomic_dir
+    from clear_cli.files import atomic_dir, check_out_dir, foreign_entries
     from clear_cli.models import load_pipeline, save_pipeline
 
     if out.exists() and not overwrite:
         raise UsageError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
+    check_out_dir(out.parent if str(out.parent) else ".")
+    if out.is_dir():  # --overwrite replaces a saved model, never a folder holding anything else
+        stray = foreign_entries(out, DIFFUSERS_ENTRIES)
+        if stray or not (out / "model_index.json").is_file():
+            raise UsageError(f"--out {out} is not a saved model (found {stray[0] if stray else 'no model_index.json'})",
+                             "--overwrite replaces only a folder `clear model save` wrote; pick another --out")
     pipe = load_pipeline(model)
     with atomic_dir(out) as tmp:  # a failed save leaves no half directory; the old one stays until it succeeds
         save_pipeline(pipe, tmp)

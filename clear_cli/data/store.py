@@ -200,4 +200,52 @@ def read_manifest(root: Path) -> list[dict]:
     path = root / layout.MANIFEST
     if not path.is_file():
         raise ClearError(f"{root} has no {layout.MANIFEST}", f"rerun `clear synth --verify {root} --repair`")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (ValueError, UnicodeDecodeError):
+        raise ClearError(f"{path} is damaged (not JSON lines)", f"rerun `clear synth --verify {root} --repair`") \
+            from None
+
+
+HASH_LIMIT = 4 << 30  # distill hashes the tensor shards up to this many bytes in all (~2-4 s per GiB); sizes above
+
+
+def integrity_problems(root: Path, *, hash_limit: int = HASH_LIMIT) -> list[str]:
+    """The quick check distill runs on every start, before training: every manifest path inside the dataset,
+    every file present at its recorded size, and the tensor shards (what training reads) at their recorded
+    sha256 while they total at most `hash_limit` bytes (sizes only above; `clear synth --verify` hashes all).
+
+    Returns at most a few problems (the first ones found), each naming the file.
+    """
+    root = Path(root)
+    top = str(root)
+    problems: list[str] = []
+    shards: dict[str, tuple[int, str | None]] = {}
+    seen: set[str] = set()
+    for rec in read_manifest(root):
+        for kind, rel in rec.get("files", {}).items():
+            if rel in seen:  # a shard holds a whole batch: check it once
+                continue
+            seen.add(rel)
+            if not isinstance(rel, str) or os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
+                problems.append(f"sample {rec.get('index')}: the manifest names {rel}, outside the dataset")
+                continue
+            try:
+                size = os.stat(os.path.join(top, rel)).st_size
+            except OSError:
+                problems.append(f"sample {rec.get('index')}: {rel} is missing")
+                continue
+            want = rec.get("bytes", {}).get(kind)
+            if want is not None and size != want:
+                problems.append(f"sample {rec.get('index')}: {rel} is {size} bytes, the manifest says {want}")
+            elif kind == "tensors":
+                shards[rel] = (size, rec.get("sha256", {}).get(kind))
+        if len(problems) >= 3:
+            return problems
+    if not problems and sum(s for s, _ in shards.values()) <= hash_limit:
+        for rel, (_, digest) in sorted(shards.items()):
+            if digest is not None and layout.sha256_file(root / rel) != digest:
+                problems.append(f"{rel}: its sha256 differs from the manifest (the file changed since it was written)")
+                if len(problems) >= 3:
+                    break
+    return problems

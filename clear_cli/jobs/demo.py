@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -35,12 +34,11 @@ from typing import Any
 
 from clear_cli.config import doc, merge_options
 from clear_cli.errors import ClearError, UsageError
-from clear_cli.files import atomic_write_text, foreign_entries, remove_owned
+from clear_cli.files import OutLock, atomic_write_text, check_out_dir, foreign_entries, remove_owned
 from clear_cli.flux import PIXELS_PER_TOKEN, TINY_MODELS
 from clear_cli.logs import Log, sayer
 
 STATE_FILE = "demo.json"
-LOCK_FILE = ".demo.lock"
 SUMMARY_FILE = "summary.md"
 FORMAT = "clear-demo/1"
 STAGES = ("synth", "distill", "eval", "export", "gen")
@@ -181,45 +179,6 @@ class _State:
                                                  "stages": self.stages}, indent=1) + "\n")
 
 
-class _Lock:
-    """OUT/.demo.lock holds the pid of the demo writing to OUT: two demos in one folder would corrupt each other."""
-
-    def __init__(self, out: Path):
-        self.path = out / LOCK_FILE
-
-    def __enter__(self) -> "_Lock":
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and _alive(pid):
-                    raise ClearError(f"another clear demo (pid {pid}) is writing to {self.path.parent}",
-                                     "wait for it to finish, or stop it and rerun to resume") from None
-                self.path.unlink(missing_ok=True)  # left by a killed run
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            return self
-        raise ClearError(f"cannot take {self.path}", "delete it if no demo is running")
-
-    def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _open_out(cfg: DemoConfig) -> _State:
     """Check OUT before anything is written: ours to resume, ours to overwrite, or empty."""
     out = Path(cfg.out).expanduser()
@@ -237,7 +196,7 @@ def _open_out(cfg: DemoConfig) -> _State:
                                  "pass --overwrite to start over, or another --out")
             old = None
     elif out.is_dir():
-        stray = foreign_entries(out, (), keep=(LOCK_FILE,))
+        stray = foreign_entries(out, (), keep=(".demo.lock",))  # .demo.lock: an older version's lock file
         if stray:
             raise UsageError(f"--out {out} is not empty and holds no demo (found {stray[0]})",
                              "pick a new or empty directory; --overwrite deletes only the demo's own files")
@@ -605,10 +564,8 @@ def demo(config: DemoConfig | None = None, *, log: Log | None = None, progress: 
             warnings.filterwarnings("ignore", message=".*FID from .* images per set")
             run = _Demo(cfg, say, progress)
             out = run.out
-            if out.exists() and not out.is_dir():
-                raise UsageError(f"--out {out} is a file", "pick a directory")
-            out.mkdir(parents=True, exist_ok=True)
-            with _Lock(out):
+            check_out_dir(out)
+            with OutLock(out, "demo"):
                 run.state = _open_out(cfg)
                 data = run.synth()
                 weights = run.distill(data)

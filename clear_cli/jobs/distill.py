@@ -20,6 +20,7 @@ function of (seed, step) only, so resuming or changing the process count gives t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,7 +36,9 @@ import torch.nn.functional as F
 
 from clear_cli.config import apply_overrides, doc, merge_options, to_dict
 from clear_cli.errors import ClearError, UsageError
-from clear_cli.files import atomic_dir, atomic_write_text, owned_present, remove_owned, save_png, save_safetensors
+from clear_cli.extras import available, install_line, require
+from clear_cli.files import (OutLock, atomic_dir, atomic_write_text, owned_present, remove_owned, save_png,
+                             save_safetensors)
 from clear_cli.flux import BASE_RES, PIXELS_PER_TOKEN
 from clear_cli.logs import Log, sayer
 from clear_cli.training.recipe import (
@@ -110,7 +113,7 @@ def lr_lambda(schedule: str, steps: int, warmup: int):
 def build_optimizer(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
     t = recipe.train
     if t.optimizer == "prodigy":
-        from prodigyopt import Prodigy
+        Prodigy = require("prodigyopt", "train.optimizer: prodigy").Prodigy
 
         # Bias correction and a safeguarded warmup are what Prodigy's authors advise for diffusion fine-tuning.
         return Prodigy(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
@@ -226,6 +229,17 @@ def _check_data(recipe: Recipe, problems: list[str]) -> dict:
     if not counts.get("complete"):
         problems.append(f"data: {root} is incomplete ({counts.get('samples', 0)} of {card.get('n')} samples; rerun "
                         "the same `clear synth` command to finish it)")
+    else:  # sizes, paths and (up to a few GiB) the shards' sha256: a damaged set is refused, not trained on
+        from clear_cli.data.store import integrity_problems
+
+        try:
+            damage = integrity_problems(root)
+        except ClearError as e:
+            damage = [e.message]
+        if damage:
+            more = f" (+{len(damage) - 1} more)" if len(damage) > 1 else ""
+            problems.append(f"data: {root} is damaged: {damage[0]}{more} (run `clear synth --verify {root} "
+                            "--repair` to redraw what is broken)")
     text_keys = ("t5_embeds", "text_mask") if card.get("model", {}).get("family") == "qwen-image" else \
         ("t5_embeds", "pooled_embeds")
     missing = [k for k in (*text_keys, "latent_mean", "latent_std") if k not in card.get("tensors", {})]
@@ -272,6 +286,8 @@ def _check_out(recipe: Recipe, out: Path, resume: str | None, overwrite: bool,
             notes.append(f"no checkpoint in {out / CHECKPOINTS}: starting from step 0")
     if ckpt is None:
         taken = out.is_dir() and bool(owned_present(out, OWNED))
+        if taken and resume == "auto" and not (out / WEIGHTS_FILE).exists():
+            taken = False  # stopped before its first checkpoint: nothing to continue, start over (log trimmed)
         if taken and not overwrite:
             problems.append(f"--out {out} already holds a distillation run (pass --resume auto to continue it, "
                             "--overwrite to start over, or another --out)")
@@ -324,16 +340,13 @@ def plan(recipe: str | Path | Recipe | dict | None = None, *, overrides: list[st
     if t.mixed_precision == "fp16":
         notes.append("fp16 overflows in FLUX and its T5 encoder; prefer mixed_precision: bf16")
     if t.optimizer == "prodigy":
-        try:
-            import prodigyopt  # noqa: F401
-        except ImportError:
-            problems.append("train.optimizer: prodigy is not installed (pip install prodigyopt, or optimizer: adamw)")
+        if not available("prodigyopt"):
+            problems.append(f"train.optimizer: prodigy is not installed ({install_line('prodigyopt')}, or "
+                            "optimizer: adamw)")
     if rec.report_to != "none":
         mod = {"tensorboard": "tensorboard", "wandb": "wandb"}[rec.report_to]
-        import importlib.util
-
-        if importlib.util.find_spec(mod) is None:
-            problems.append(f"report_to: {rec.report_to} is not installed (pip install {mod}, or report_to: none)")
+        if not available(mod):
+            problems.append(f"report_to: {rec.report_to} is not installed ({install_line(mod)}, or report_to: none)")
     out_dir = Path(rec.out_dir).expanduser()
     ckpt, step = _check_out(rec, out_dir, None if resume is None else str(resume), overwrite, problems, notes)
     if problems:
@@ -589,7 +602,11 @@ class Distiller:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         self.acc.wait_for_everyone()
-        self.acc.save_state(str(tmp))
+        try:
+            self.acc.save_state(str(tmp))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint never stays (a full disk, a kill)
+            raise
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             state = {"step": step, "recipe": self.resolved_dict(), "recipe_hash": recipe_hash(self.recipe),
@@ -669,7 +686,7 @@ class Distiller:
         return float(g["lr"]) * float(g.get("d", 1.0))  # Prodigy: the effective step size is d * lr
 
     def run(self) -> DistillResult:
-        from tqdm.auto import tqdm
+        from clear_cli.logs import progress_bar as tqdm
 
         r = self.recipe
         t0 = time.perf_counter()
@@ -786,6 +803,25 @@ def distill(config: DistillConfig | str | Path | Recipe | dict | None = None, *,
     # Without CUDA, processes started by torchrun / accelerate only form a (gloo) group when told to use the CPU.
     n_proc = PartialState(cpu=cpu).num_processes if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 1
     p = plan(recipe, overrides=sets, out=out, resume=resume, overwrite=overwrite, num_processes=n_proc)
+    _check_device(p.recipe, device, cpu)
+    main = n_proc == 1 or PartialState(cpu=cpu).is_main_process
+    with OutLock(p.out, "distill") if main else contextlib.nullcontext():
+        return _distill(p, device, cpu, progress, pipe, log)
+
+
+def _check_device(recipe: Recipe, device: str, cpu: bool) -> None:
+    """What the device cannot run, refused before the model loads (not found at the first step)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible", "use --device auto or cpu")
+    if cpu and recipe.train.mixed_precision == "fp16":
+        raise UsageError("train.mixed_precision: fp16 does not run on the CPU",
+                         "use --set train.mixed_precision=no (or bf16) for CPU training")
+    if cpu and recipe.backend == "flex":
+        raise UsageError("backend: flex has no backward pass on the CPU (FlexAttention trains on CUDA only)",
+                         "use --set backend=auto (the tiled kernel on CPU)")
+
+
+def _distill(p: _Plan, device: str, cpu: bool, progress: bool, pipe, log: Log | None) -> DistillResult:
     acc = _make_accelerator(p.recipe, p.out, "cpu" if cpu else device)
     from clear_cli.models import fit
 

@@ -34,6 +34,7 @@ Result (returned, and written to `out/eval.json`; keys are stable, values null w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -47,7 +48,7 @@ from typing import Any
 
 from clear_cli.config import doc, merge_options
 from clear_cli.errors import UsageError
-from clear_cli.files import atomic_write_text, save_png
+from clear_cli.files import OutLock, atomic_write_text, save_png
 from clear_cli.flux import DEFAULT_MODEL, default_text, is_tiny, model_defaults
 from clear_cli.logs import Log, sayer, warner
 
@@ -280,7 +281,7 @@ def _draw(pipe, prompts: list[str], indices: list[int], folder: Path, *, width: 
           guidance: float, seed: int, progress: bool, label: str, overwrite: bool) -> dict[int, float]:
     """Draw the missing images of `indices` into `folder`; returns {index: seconds} of timed draws."""
     import torch
-    from tqdm.auto import tqdm
+    from clear_cli.logs import progress_bar as tqdm
 
     from clear_cli.sampling.seeds import draw
 
@@ -333,7 +334,7 @@ def _mean(t) -> float | None:
 
 def _compute(out: Path, n: int, prompts: list[str], students: list[Student], metrics: list[str], nets,
              cfg: EvalConfig, size: tuple[int, int], say: Log, progress: bool) -> tuple[dict, list[dict]]:
-    from tqdm.auto import tqdm
+    from clear_cli.logs import progress_bar as tqdm
 
     from clear_cli.metrics import fid_from_features, image_features, mean_psnr, pair_metrics
     from clear_cli.metrics.clip import cosine, text_score
@@ -442,7 +443,10 @@ def evaluate(config: EvalConfig | str | Sequence[str | os.PathLike] | None = Non
         options["weights"] = options.pop("students")
     cfg = merge_options(EvalConfig, config, options, job="evaluate", primary="weights")
     out = Path(cfg.out).expanduser()
-    data = _evaluate(cfg, pipe, log, progress)
+    from accelerate import PartialState
+
+    with OutLock(out, "eval") if PartialState().is_main_process else contextlib.nullcontext():
+        data = _evaluate(cfg, pipe, log, progress)
     return EvalResult(out=out, data=data or {}, is_main=data is not None)
 
 

@@ -34,6 +34,7 @@ import torch
 from clear_cli.comfy.keys import DOUBLE_PROJ, SINGLE_PROJ
 from clear_cli.config import doc, merge_options
 from clear_cli.errors import ClearError, UsageError
+from clear_cli.files import check_out_file, same_file
 from clear_cli.flux import DEFAULT_MODEL
 from clear_cli.logs import Log, sayer
 
@@ -158,6 +159,7 @@ def check_options(cfg: ExportConfig) -> ExportConfig:
     out = Path(cfg.out if cfg.out is not None else DEFAULT_OUT[cfg.format]).expanduser()
     if out.exists() and out.is_dir():
         raise UsageError(f"--out {out} is a directory", f"name a file, e.g. {out / DEFAULT_OUT[cfg.format]}")
+    check_out_file(out, ".safetensors", what="weights file")
     if out.exists() and not cfg.overwrite:
         raise UsageError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
     rank = cfg.rank if cfg.rank is not None or cfg.energy is not None or cfg.format == "full" else DEFAULT_RANK
@@ -228,7 +230,7 @@ def _modules_of(full: dict[str, torch.Tensor], w_name: str) -> dict[str, dict[st
 # ----------------------------------------------------------------------------------------------- formats
 
 def _lora_tensors(modules, base, cfg: ExportConfig, dtype, device, progress: bool):
-    from tqdm.auto import tqdm
+    from clear_cli.logs import progress_bar as tqdm
 
     from clear_cli.models.weights import LORA_PREFIX
 
@@ -289,7 +291,7 @@ def _comfy_groups(modules, base) -> dict[str, list[tuple[str | None, int]]]:
 
 
 def _comfy_tensors(modules, base, cfg: ExportConfig, dtype, device, progress: bool):
-    from tqdm.auto import tqdm
+    from clear_cli.logs import progress_bar as tqdm
 
     tensors: dict[str, torch.Tensor] = {}
     layers: list[LayerReport] = []
@@ -354,6 +356,8 @@ def export(config: ExportConfig | str | os.PathLike | None = None, *, log: Log |
     )
 
     cfg = check_options(merge_options(ExportConfig, config, options, job="export", primary="weights"))
+    if same_file(cfg.out, cfg.weights):
+        raise UsageError(f"--out {cfg.out} is the input weights file", "name another --out; the input is never replaced")
     dev = resolve_device(cfg.device)
     w = load_attention_weights(cfg.weights)
     win, f = resolve_geometry(w, cfg.window, cfg.down_factor)

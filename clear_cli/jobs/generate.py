@@ -22,6 +22,7 @@ The tiny model (`model="tiny"`/`"tiny-random"`) runs the same code with sizes sc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -34,7 +35,7 @@ from typing import Any
 from clear_cli.config import doc, merge_options
 from clear_cli.devices import is_main_process
 from clear_cli.errors import UsageError
-from clear_cli.files import save_png
+from clear_cli.files import OutLock, check_out_dir, save_png
 from clear_cli.flux import DEFAULT_MODEL, PIXELS_PER_TOKEN, default_text, model_defaults
 from clear_cli.logs import Log, sayer, warner
 from clear_cli.resolution import parse_res
@@ -308,7 +309,8 @@ def generate(config: GenConfig | str | Sequence[str] | None = None, *, log: Log 
     try:
         # patch parallelism exchanges halos inside attention: compiled only on request
         mode = "off" if cfg.parallel == "patch" and cfg.compile == "auto" else cfg.compile
-        with compiled(pipe, mode, warn=warn) as compile_state:
+        with compiled(pipe, mode, warn=warn) as compile_state, \
+                (OutLock(c.plans[0][2].parent, "gen") if par is None or par.is_main else contextlib.nullcontext()):
             if compile_state is not None:
                 say(describe(compile_state))
             if par is None:
@@ -378,6 +380,7 @@ def _check(cfg: GenConfig) -> _Checked:
               from_input if from_input is not None else (base_res, base_res))
     plans = plan_outputs(plist, cfg)
     check_outputs(plans, compare=cfg.compare, overwrite=cfg.overwrite)
+    check_out_dir(plans[0][2].parent)  # a file in the way, a read-only disk: before the model loads
     from clear_cli.devices import resolve_device, resolve_dtype
 
     dev = resolve_device(cfg.device)  # bad --device/--dtype/--offload fail here, before any work
@@ -521,7 +524,9 @@ def generate_conditioned(pipe, cond, images: dict, plans, cfg: GenConfig, target
 
     results: list[GenOutput] = []
     try:
-        with compiled(pipe, cfg.compile, warn=warn) as compile_state:   # the variant shares the transformer
+        with compiled(pipe, cfg.compile, warn=warn) as compile_state, \
+                (OutLock(plans[0][2].parent, "gen") if is_main_process() else contextlib.nullcontext()):
+            # the variant shares the transformer
             if compile_state is not None:
                 say(describe(compile_state))
             results = _conditioned_images(draw, runner, plans, cfg, name, w, h, steps, info_base, say)

@@ -8,6 +8,7 @@ The on-disk format is described in docs/dataset.md.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +17,12 @@ from typing import Callable
 from clear_cli.config import doc, merge_options
 from clear_cli.data import layout, store
 from clear_cli.errors import ClearError, UsageError
-from clear_cli.files import atomic_write_text, foreign_entries, temp_path
+from clear_cli.files import OutLock, atomic_write_text, foreign_entries, temp_path
 from clear_cli.flux import DEFAULT_MODEL
 from clear_cli.logs import Log, sayer
 
 IMAGE_FORMATS = ("png", "webp")
+MAX_N = 10**8  # indices, seeds and batch lists are built for every sample; beyond this they outgrow memory
 _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
@@ -51,6 +53,9 @@ class SynthConfig:
         problems = []
         if self.n is not None and self.n < 1:
             problems.append(f"--n {self.n}: must be at least 1 (e.g. --n 10000)")
+        if self.n is not None and self.n > MAX_N:
+            problems.append(f"--n {self.n}: more than {MAX_N:,} samples is no dataset this tool can index "
+                            "(draw it in several --out folders)")
         if self.steps < 1:
             problems.append(f"--steps {self.steps}: must be at least 1")
         if self.batch_size < 1:
@@ -465,7 +470,7 @@ def _done_samples(root: Path, n: int, batch: int) -> int:
 def _draw_chunks(plan: _Plan, pipe, device, state, chunks: list[int], done_before: int, progress: bool,
                  on_batch: Callable[[int], None] | None) -> None:
     """Deal `chunks` round-robin to processes and draw this process's share; one bar on the main process."""
-    from tqdm.auto import tqdm
+    from clear_cli.logs import progress_bar as tqdm
 
     from clear_cli.models import text_len
 
@@ -518,13 +523,18 @@ def synth(config: SynthConfig | None = None, *, log: Log | None = None, progress
     already loaded pipeline (its model name is still `model`); `on_batch(chunk)`: called after each committed
     batch of this process.
     """
+    cfg = merge_options(SynthConfig, config, options, job="synth")
+    state = _state()
+    say = sayer(log) if state.is_main_process else sayer(None)
+    with OutLock(cfg.out, "synth") if state.is_main_process and cfg.out else contextlib.nullcontext():
+        return _synth(cfg, state, pipe, progress, on_batch, say)
+
+
+def _synth(cfg: SynthConfig, state, pipe, progress: bool, on_batch, say) -> SynthResult:
     import torch
 
     from clear_cli.devices import resolve_dtype
 
-    cfg = merge_options(SynthConfig, config, options, job="synth")
-    state = _state()
-    say = sayer(log) if state.is_main_process else sayer(None)
     device = _resolve_device(cfg, state) if pipe is None else pipe.transformer.device
     dtype = resolve_dtype(cfg.dtype, device) if pipe is None else pipe.transformer.dtype
     plan = _plan(cfg, _dtype_name(dtype))
@@ -592,6 +602,13 @@ def verify(out: str | Path, *, repair: bool = False, device: str = "auto", pipe=
     if not repair or report.clean:
         return report
     bad_chunks = found[2]
+    with OutLock(root, "synth --verify --repair") if state.is_main_process else contextlib.nullcontext():
+        return _repair(root, card, found, report, device, pipe, progress, on_batch, state)
+
+
+def _repair(root: Path, card: dict, found, report, device: str, pipe, progress: bool, on_batch, state):
+    n, batch = int(card["n"]), int(card["batch_size"])
+    bad_chunks = found[2]
     cfg = _config_from_card(card, root, device)
     dtype_name = card["config"]["dtype"]
     plan = _plan(cfg, dtype_name)
@@ -624,7 +641,7 @@ def verify(out: str | Path, *, repair: bool = False, device: str = "auto", pipe=
 
 def _check_all(root: Path, card: dict, progress: bool) -> tuple[dict, dict, list[int], bool]:
     """(missing, corrupt, chunks holding either, manifest stale) over the whole dataset."""
-    from tqdm.auto import tqdm
+    from clear_cli.logs import progress_bar as tqdm
 
     n, batch = int(card["n"]), int(card["batch_size"])
     missing: dict[int, str] = {}

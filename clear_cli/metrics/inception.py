@@ -125,6 +125,11 @@ def save_feature_net(net: nn.Module, path: str | Path) -> Path:
 def load_inception(weights: str | Path | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """The FID feature network: downloaded FID Inception (None) or from a local .safetensors file."""
     if weights is None:
+        from clear_cli.metrics.loading import downloads_allowed, not_downloaded
+
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_URL.rsplit("/", 1)[-1]
+        if not downloads_allowed() and not cached.is_file():
+            raise not_downloaded("FID Inception network", "--inception-weights", "fid")
         net = FIDInceptionV3()
         try:
             state = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", progress=True,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
 from clear_cli.errors import ClearError, UsageError
+from clear_cli.network import hub_reachable
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -27,28 +29,29 @@ def local_dir_or_hub(value: str, option: str) -> str:
     return value
 
 
-_REACHABLE: dict[str, bool] = {}
+_DOWNLOADS = {"allowed": True}
 
 
-def hub_reachable(host: str = "huggingface.co") -> bool:
-    """Whether the hub can be reached at all; checked once per process so that an offline machine fails in
-    seconds instead of waiting through the hub client's retries for every network. A proxy, or the hub
-    client's offline switch, is left to the client."""
-    import os
-    import socket
+@contextlib.contextmanager
+def downloads(allowed: bool):
+    """Within: whether metric networks may be downloaded. `clear eval` allows it only for metrics the user named
+    in --metrics; the default set uses local files and caches only, and skips the rest (no network at all)."""
+    old = _DOWNLOADS["allowed"]
+    _DOWNLOADS["allowed"] = allowed
+    try:
+        yield
+    finally:
+        _DOWNLOADS["allowed"] = old
 
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
-        return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    host = os.environ.get("HF_ENDPOINT", host).split("://")[-1].split("/")[0].split(":")[0] or host
-    if host not in _REACHABLE:
-        try:
-            socket.create_connection((host, 443), timeout=5).close()
-            _REACHABLE[host] = True
-        except OSError:
-            _REACHABLE[host] = False
-    return _REACHABLE[host]
+
+def downloads_allowed() -> bool:
+    return _DOWNLOADS["allowed"]
+
+
+def not_downloaded(what: str, option: str, metric: str) -> NetworkUnavailable:
+    """The one line for a network that would need a download nobody asked for."""
+    return NetworkUnavailable(f"the {what} is not on this machine and is not downloaded unasked",
+                              f"pass a local copy with {option}, or name {metric} in --metrics to download it")
 
 
 def from_pretrained(cls, source: str, **kw):
@@ -65,6 +68,8 @@ def from_pretrained(cls, source: str, **kw):
         cached = None
     if cached is not None:
         return cls.from_pretrained(cached, **kw)
+    if not downloads_allowed():
+        raise _NotAsked(source)
     if not hub_reachable():
         raise OSError("not in the local hub cache and the hub cannot be reached (offline)")
     return cls.from_pretrained(source, **kw)
@@ -76,8 +81,14 @@ def load_pretrained(model: str, option: str, what: str, build):
     source = local_dir_or_hub(model, option)
     try:
         return build(source)
+    except _NotAsked as e:
+        raise not_downloaded(f"{what} {model!r}", option, what.split()[0].lower()) from e
     except Exception as e:
         raise hub_failure(what, model, option, e) from e
+
+
+class _NotAsked(OSError):
+    """A hub download that the current `downloads(False)` forbids."""
 
 
 def local_file(value: str, option: str, suffix: str = ".safetensors") -> Path:
@@ -102,6 +113,10 @@ def read_safetensors(path: Path) -> tuple[dict, dict[str, str]]:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise UsageError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from e
+    from clear_cli.models.weights import check_finite_tensors
+
+    check_finite_tensors(tensors, path)
+    return tensors, meta

@@ -22,12 +22,31 @@ NETS = ("alex", "vgg", "squeeze")
 
 
 def build_lpips(net: str = "alex", pretrained: bool = False) -> nn.Module:
-    """torchmetrics' LPIPS network; pretrained=False builds it without any download or file read."""
-    from torchmetrics.functional.image.lpips import _LPIPS
+    """torchmetrics' LPIPS network; pretrained=False builds it without any download or file read, pretrained=True
+    reads only the linear heads torchmetrics ships (the backbone stays random: `pretrained_alex` fills it)."""
+    from clear_cli.extras import require
+
+    _LPIPS = require("torchmetrics.functional.image.lpips", "the LPIPS metric")._LPIPS
 
     if net not in NETS:
         raise UsageError(f"LPIPS net {net!r} is not one of {', '.join(NETS)}")
-    return _LPIPS(pretrained=pretrained, net=net, pnet_rand=not pretrained).eval()
+    return _LPIPS(pretrained=pretrained, net=net, pnet_rand=True).eval()
+
+
+def pretrained_alex() -> nn.Module:
+    """LPIPS (AlexNet) with torchmetrics' shipped linear heads and the ImageNet AlexNet backbone read with
+    `weights_only=True` (torchvision's own loader would unpickle the cached file)."""
+    from torchvision.models import AlexNet_Weights, alexnet
+
+    net = build_lpips("alex", pretrained=True)
+    state = torch.hub.load_state_dict_from_url(AlexNet_Weights.IMAGENET1K_V1.url, map_location="cpu", progress=True,
+                                               check_hash=True, weights_only=True)
+    tv = alexnet(weights=None)
+    tv.load_state_dict(state)
+    for i in range(1, 6):
+        for name, mod in getattr(net.net, f"slice{i}").named_children():
+            mod.load_state_dict(tv.features[int(name)].state_dict())
+    return net.eval()
 
 
 def save_lpips_weights(module: nn.Module, path: str | Path, net: str = "alex") -> Path:
@@ -42,8 +61,12 @@ class Lpips:
 
     def __init__(self, weights: str | Path | None = None, device: str | torch.device = "cpu") -> None:
         if weights is None:
+            from clear_cli.metrics.loading import downloads_allowed, not_downloaded
+
+            if not downloads_allowed():  # torchvision's AlexNet: a download, and a pickle even when cached
+                raise not_downloaded("LPIPS AlexNet backbone", "--lpips-weights", "lpips")
             try:
-                self.net = build_lpips("alex", pretrained=True)
+                self.net = pretrained_alex()
             except Exception as e:
                 raise hub_failure("LPIPS AlexNet backbone", "torchvision alexnet", "--lpips-weights", e) from e
         else:

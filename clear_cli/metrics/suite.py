@@ -10,6 +10,7 @@ import torch
 
 from clear_cli.errors import UsageError
 from clear_cli.logs import warner
+from clear_cli.extras import MissingExtra
 from clear_cli.metrics.loading import NetworkUnavailable
 
 ALL_METRICS = ("fid", "clip", "lpips", "ssim", "psnr", "dino", "speed")
@@ -63,13 +64,19 @@ def load_networks(metrics: list[str], *, explicit: bool, device: torch.device, i
         "dino": ("dino", lambda: dino_mod.DinoFeatures(dino_model or dino_mod.DEFAULT_DINO, device)),
         "lpips": ("lpips", lambda: Lpips(lpips_weights, device)),
     }
+    import contextlib
+    import sys
+
+    from clear_cli.metrics.loading import downloads
+
     for m in metrics:
         if m not in loaders:
             continue
         attr, load = loaders[m]
-        try:
-            setattr(nets, attr, load())
-        except NetworkUnavailable as e:
+        try:  # downloads only for metrics the user named; a download's chatter never reaches stdout
+            with downloads(explicit), contextlib.redirect_stdout(sys.stderr):
+                setattr(nets, attr, load())
+        except (NetworkUnavailable, MissingExtra) as e:
             if explicit:
                 raise
             nets.skipped[m] = e.one_line().removeprefix("error: ")

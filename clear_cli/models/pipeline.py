@@ -9,7 +9,9 @@ import torch
 from diffusers import FluxPipeline as _StockFluxPipeline
 
 from clear_cli.errors import ClearError
-from clear_cli.flux import DEFAULT_MODEL, QWEN_TINY_MODELS, RANDOM_MODELS, TINY_MODELS, WAN_TINY_MODELS
+from clear_cli.flux import (
+    DEFAULT_MODEL, QWEN_TINY_MODELS, RANDOM_MODELS, TINY_MODELS, TINY_VIDEO_MODELS, WAN_TINY_MODELS,
+)
 from clear_cli.models import tiny
 from clear_cli.models.text import text_len
 
@@ -125,6 +127,7 @@ def load_pipeline(model: str = DEFAULT_MODEL, *, device: str | torch.device | No
                   dtype: str | torch.dtype | None = None, seed: int = 0) -> FluxPipeline:
     """A diffusers FluxPipeline from a hub id, a local diffusers directory, `tiny`, `tiny-random` or
     `flux-dev-random` (FLUX.1-dev's architecture, random weights; `device="meta"` builds it without storage).
+    `tiny-wan` / `tiny-wan-random` return the built-in tiny Wan instead (a WanPipeline: video, not FLUX).
 
     device: auto|cpu|cuda[:N] (None = leave on CPU); dtype: auto|fp32|bf16|fp16 (auto: bf16 on CUDA, fp32 on CPU).
     """
@@ -143,6 +146,10 @@ def load_pipeline(model: str = DEFAULT_MODEL, *, device: str | torch.device | No
         pipe = build_flux_dev_random(dev, dt, seed=seed)
     elif name in TINY_MODELS:
         pipe = build_tiny(random=name == "tiny-random", seed=seed)
+    elif name in TINY_VIDEO_MODELS:
+        from clear_cli.models import tiny_wan
+
+        pipe = tiny_wan.build_pipeline(random=name == "tiny-wan-random", seed=seed)
     elif name in QWEN_TINY_MODELS:
         from clear_cli.models import qwen_image
         pipe = qwen_image.build(seed=seed)

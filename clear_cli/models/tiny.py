@@ -113,6 +113,9 @@ def load_trained(components: dict[str, Any], path: Path = TINY_WEIGHTS) -> dict[
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     state = load_file(str(path))
+    from clear_cli.models.weights import check_finite_tensors
+
+    check_finite_tensors(state, path)
     vae_extra = json.loads(meta.get("vae_config", "{}"))
     if vae_extra:
         components["vae"].register_to_config(**vae_extra)

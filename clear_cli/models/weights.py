@@ -135,11 +135,21 @@ def resolve_spec(spec: str | os.PathLike, *, cache_dir: str | os.PathLike | None
         raise UsageError(f"weights file {text} does not exist",
                          "pass a local .safetensors file or a hub reference REPO:FILE, "
                          "e.g. Huage001/CLEAR:clear_local_16.safetensors")
-    try:
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download
 
-        local = hf_hub_download(repo_id=m["repo"], filename=m["file"],
-                                cache_dir=str(cache_dir) if cache_dir is not None else None)
+    kw = dict(repo_id=m["repo"], filename=m["file"], cache_dir=str(cache_dir) if cache_dir is not None else None)
+    try:
+        return Path(hf_hub_download(**kw, local_files_only=True))  # cached: no network at all
+    except Exception:  # not in the cache (the hub client raises several types)
+        pass
+    from clear_cli.network import hub_reachable
+
+    if not hub_reachable():
+        raise ClearError(f"could not download {m['file']} from {m['repo']}: the hub cannot be reached (offline) and "
+                         "the file is not in the local hub cache",
+                         "connect and rerun, or download the file elsewhere and pass its local path")
+    try:
+        local = hf_hub_download(**kw)
     except Exception as e:  # hub errors come in many types; all mean "could not get the file"
         first = f"{type(e).__name__}: {e}".splitlines()[0][:200]
         raise ClearError(f"could not download {m['file']} from {m['repo']} ({first})",
@@ -173,7 +183,29 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         first = f"{type(e).__name__}: {e}".splitlines()[0][:160]
         raise UsageError(f"cannot read weights {path}: not a readable safetensors file ({first})",
                          "pass a .safetensors attention-weight file, LoRA or published CLEAR checkpoint") from e
+    check_finite_tensors(tensors, path)
     return tensors, meta
+
+
+TENSOR_COUNT = "tensor_count"  # metadata key: how many tensors the writer stored
+
+
+def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The first tensor (in key order) holding NaN or inf, or None."""
+    for k in sorted(tensors):
+        t = tensors[k]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return k
+    return None
+
+
+def check_finite_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Every weight file read is checked: NaN or inf in a weight only ever gives black images or a failed SVD
+    later, so it is refused at once, naming the tensor."""
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise ClearError(f"weights {path}: tensor {bad} holds NaN or inf",
+                         "the file is damaged or came from a diverged run: use an earlier checkpoint or re-export")
 
 
 def _meta_int(meta: Mapping[str, str], key: str, path: Path) -> int | None:
@@ -283,6 +315,10 @@ def load_attention_weights(spec: str | os.PathLike, *, cache_dir: str | os.PathL
     tensors, meta = _read_safetensors(path)
     if not tensors:
         raise ClearError(f"weights {path.name} holds no tensors", "pass an attention-weight file")
+    said = meta.get(TENSOR_COUNT, "")
+    if said.isdigit() and int(said) != len(tensors):
+        raise ClearError(f"weights {path.name} hold {len(tensors)} tensors where their metadata says {said}: the "
+                         "file lost tensors since it was written", "re-export it, or use the original file")
     origin: dict[str, str] = {}
     lora: dict[str, LoraDelta] = {}
     is_lora = any(".lora_A." in k or ".lora_B." in k for k in tensors) or any(k.startswith(POOL_PREFIX)
@@ -469,5 +505,6 @@ def save_attention_weights(path: str | os.PathLike, tensors: Mapping[str, torch.
     from clear_cli.files import save_safetensors
 
     meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items() if v is not None}
+    meta[TENSOR_COUNT] = str(len(tensors))  # lets a reader tell a file that lost tensors from a partial one
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     return save_safetensors(path, clean, metadata=meta)

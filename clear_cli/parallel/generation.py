@@ -133,7 +133,7 @@ def run_images(par: ParallelRun, run_all: Callable, runner, plans: list, stages,
     if par.mode == "patch":
         return run_all(runner, plans, stages, cfg, base_info, target, progress, say)
     import torch.distributed as dist
-    from tqdm.auto import tqdm
+    from clear_cli.logs import progress_bar as tqdm
 
     comm, n = par.comm, len(plans)
     mine = list(range(par.rank, n, par.size))

@@ -127,7 +127,7 @@ class StageRunner:
         return pipe._pack_latents(lat.to(dtype), b, c, lh, lw)
 
     def denoise(self, latents, ids, stage: Stage, embeds, generator_desc: str, progress: bool):
-        from tqdm.auto import tqdm
+        from clear_cli.logs import progress_bar as tqdm
 
         torch = self.torch
         from diffusers import FlowMatchEulerDiscreteScheduler

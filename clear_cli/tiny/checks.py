@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from clear_cli.config import doc, merge_options
+from clear_cli.errors import UsageError
 from clear_cli.flux import PIXELS_PER_TOKEN, TINY_MODELS
 from clear_cli.logs import Log, sayer
 from clear_cli.tiny import scenes
@@ -313,6 +314,24 @@ class CheckResult:
         return self.figures[key]
 
 
+def _check_figures_out(out: Path) -> None:
+    """Before minutes of checks: a .json name, a folder that can be written, and never a file that is not an
+    earlier figures file (there is no --overwrite to ask for that)."""
+    import json
+
+    from clear_cli.files import check_out_file
+
+    check_out_file(out, ".json", what="figures file")
+    if out.exists():
+        try:
+            ours = isinstance(json.loads(out.read_text(encoding="utf-8")), dict)
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise UsageError(f"--out {out} exists and is not a figures file of `clear tiny check`",
+                             "pick another --out; only an earlier figures file is replaced")
+
+
 def check(config: TinyCheckConfig | None = None, *, log: Log | None = None, progress: bool = True,
           **options: Any) -> CheckResult:
     """All checks for a tiny model, with the random model's colour rate beside it.
@@ -321,6 +340,8 @@ def check(config: TinyCheckConfig | None = None, *, log: Log | None = None, prog
     measured (None: quiet). With `out`, the figures are also written there as JSON.
     """
     cfg = merge_options(TinyCheckConfig, config, options, job="check")
+    if cfg.out is not None:
+        _check_figures_out(Path(cfg.out))
     figures = run_checks(cfg.model, n=cfg.n, steps=cfg.steps, locality=cfg.locality, clear=cfg.clear,
                          device=cfg.device, start=cfg.start, log=log)
     path = None

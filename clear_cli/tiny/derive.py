@@ -126,7 +126,7 @@ def derive(out: str | Path, config: DeriveConfig | None = None, *, progress: boo
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     tr.train()
     losses: list[float] = []
-    from tqdm.auto import tqdm
+    from clear_cli.logs import progress_bar as tqdm
 
     bar = tqdm(range(cfg.steps), desc=f"derive {cfg.style}", disable=not progress, leave=False)
     for step in bar:

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 from clear_cli.config import doc, merge_options, to_dict
 from clear_cli.errors import ClearError, UsageError
+from clear_cli.files import atomic_copy, atomic_write_text, check_out_dir, remove_owned, save_safetensors
 from clear_cli.logs import Log, sayer
-from clear_cli.files import atomic_copy, atomic_write_text, remove_owned, save_safetensors
 from clear_cli.models import tiny
 from clear_cli.tiny import scenes
 
@@ -189,7 +189,7 @@ class _Run:
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+    from clear_cli.logs import progress_bar as tqdm
 
     tty = sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
@@ -387,9 +387,14 @@ def train(config: TinyTrainConfig | None = None, *, log: Log | None = None, prog
     """
     if "batch" in options:  # the name before 0.2
         options["batch_size"] = options.pop("batch")
-    cfg = merge_options(TinyTrainConfig, config, options, job="train")
+    cfg = merge_options(TinyTrainConfig, config, options, job="train")  # NaN/inf refused there
     if cfg.minutes is not None and cfg.minutes <= 0:
         raise UsageError(f"--minutes must be positive, got {cfg.minutes}")
+    small = [f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+             if f.type in (int, "int") and f.name not in ("seed", "warmup") and getattr(cfg, f.name) < 1]
+    if small:  # before the VAE stage, not after it; a 0-step run would write an untrained model
+        raise UsageError(f"{', '.join(small)}: must be at least 1")
+    check_out_dir(cfg.out)
     result = _train(Path(cfg.out), cfg, minutes=cfg.minutes, resume=cfg.resume, overwrite=cfg.overwrite,
                     progress=progress, device=cfg.device, on_step=on_step)
     say = sayer(log)

@@ -60,7 +60,7 @@ def test_verify_command(drawn, cli, tmp_path):
     (["--n", "2", "--res", "100"], "--res 100: 100 is not a multiple of 16"),
     (["--n", "2", "--image-format", "jpg"], "--image-format 'jpg'"),
     (["--n", "2", "--steps", "3"], "holds a dataset made with other settings (steps: 2 -> 3"),
-    (["--n", "2", "--out", "{file}/sub"], "cannot write there"),
+    (["--n", "2", "--out", "{file}/sub"], "no directory can be made under it"),
     (["--n", "2", "--from-images", "{missing}"], "not a directory"),
 ])
 def test_bad_input_is_one_line_and_loses_nothing(drawn, cli, tmp_path, args, needle):

@@ -93,7 +93,7 @@ def test_interrupted_run_resumes_with_the_finished_stages_kept(first, tmp_path, 
         clear_cli.demo(out=str(out), progress=False, **FAST_API)
     state = json.loads((out / "demo.json").read_text())
     assert [s for s, v in state["stages"].items() if v["done"]] == ["synth", "distill", "eval"]
-    assert not (out / ".demo.lock").exists()
+    assert not (out / ".clear.lock").exists()
     monkeypatch.undo()
     again = clear_cli.demo(out=str(out), progress=False, **FAST_API)
     assert [(s.name, s.status) for s in again.stages] == [

@@ -95,7 +95,7 @@ def test_killed_demo_resumes_to_the_same_result(tmp_path):
     out = tmp_path / "killed"
     _kill_when(out, lambda o: _synth_batches(o) >= 2, "during synth")
     assert 2 <= _synth_batches(out) < 12 and not _stages(out)["synth"]["done"]
-    assert (out / ".demo.lock").is_file()  # left by the killed run; the next run must see it is stale
+    assert (out / ".clear.lock").is_file()  # left by the killed run; the next run must see it is stale
 
     _kill_when(out, _distill_checkpoint, "during distill")
     st = _stages(out)
@@ -119,4 +119,4 @@ def test_killed_demo_resumes_to_the_same_result(tmp_path):
         (a, ma), (b, mb) = _tensors(out / rel), _tensors(whole / rel)
         assert ma == mb and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
     assert _figures(out) == _figures(whole)
-    assert not (out / ".demo.lock").exists()
+    assert not (out / ".clear.lock").exists()

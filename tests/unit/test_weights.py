@@ -207,18 +207,24 @@ def test_unreadable_missing_and_hub_specs(tmp_path, monkeypatch):
                                      {"transformer_blocks.0.attn.to_q.weight": torch.zeros(2, 2)})
     calls = []
 
-    def fake_download(repo_id, filename, cache_dir=None):
-        calls.append((repo_id, filename, cache_dir))
+    def fake_download(repo_id, filename, cache_dir=None, local_files_only=False):
+        calls.append((repo_id, filename, cache_dir, local_files_only))
+        if local_files_only:  # not cached yet: the real client raises LocalEntryNotFoundError
+            raise OSError("not in the cache")
         return str(local)
 
     import huggingface_hub
 
+    import clear_cli.network
+
+    monkeypatch.setattr(clear_cli.network, "hub_reachable", lambda: True)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     w = W.load_attention_weights("Huage001/CLEAR:clear_local_32.safetensors", cache_dir=tmp_path / "cache")
-    assert calls == [("Huage001/CLEAR", "clear_local_32.safetensors", str(tmp_path / "cache"))]
+    assert calls == [("Huage001/CLEAR", "clear_local_32.safetensors", str(tmp_path / "cache"), True),
+                     ("Huage001/CLEAR", "clear_local_32.safetensors", str(tmp_path / "cache"), False)]
     assert (w.window, w.down_factor, w.source) == (32, 1, "Huage001/CLEAR:clear_local_32.safetensors")
 
-    def offline(repo_id, filename, cache_dir=None):
+    def offline(repo_id, filename, cache_dir=None, local_files_only=False):
         raise OSError("offline")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
@@ -233,7 +239,7 @@ def test_writer_encodes_metadata_as_json_strings(tmp_path):
                                     {"window": 16, "base_model": "tiny", "ranks": {"x": 4}, "skip": None})
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    assert meta == {"window": "16", "base_model": "tiny", "ranks": json.dumps({"x": 4})}
+    assert meta == {"window": "16", "base_model": "tiny", "ranks": json.dumps({"x": 4}), "tensor_count": "1"}
     assert W.processor_key(W.pool_key("single_transformer_blocks.3.attn.processor.spatial_weight")) == \
         "single_transformer_blocks.3.attn.processor.spatial_weight"
 
