@@ -8,6 +8,7 @@ frame only). Frames are written as a lossless animated WebP (PIL, offline) under
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,8 @@ def check_video_options(cfg) -> None:
                          "video runs zero-shot 3-D CLEAR: --window, --time-window, --res, --steps, --guidance")
 
 
-def plan_video_outputs(prompts: list[str], cfg) -> list[tuple[str, int, Path]]:
+def plan_video_outputs(prompts: list[str], cfg, slug: Callable[[str], str]) -> list[tuple[str, int, Path]]:
     """(prompt, seed, path) per video: `<slug>_<seed>.webp` in the --out folder, or --out itself (one .webp)."""
-    from clear_cli.jobs.generate import slug
-
     out = Path(cfg.out).expanduser()
     jobs = [(p, cfg.seed + k) for p in prompts for k in range(cfg.n)]
     if out.suffix.lower() == VIDEO_SUFFIX:
@@ -99,12 +98,8 @@ def save_webp(frames: np.ndarray, path: Path, fps: int = VIDEO_FPS) -> Path:
     return path
 
 
-def generate_video(cfg, plist: list[str], *, say: Log, pipe=None) -> list[dict[str, Any]]:
-    """Every video of `cfg` (a GenConfig with `frames`): checked, sampled with 3-D CLEAR, written."""
-    from clear_cli.jobs.generate import check_outputs
-
-    plans = plan_video_outputs(plist, cfg)
-    check_outputs(plans, compare=False, overwrite=cfg.overwrite)
+def generate_video(cfg, plans: list[tuple[str, int, Path]], *, say: Log, pipe=None) -> list[dict[str, Any]]:
+    """Every video of `cfg` (a GenConfig with `frames`) to its planned (checked) path, sampled with 3-D CLEAR."""
     if cfg.res is not None:
         width, height = parse_res(cfg.res, "--res")
     elif is_video_model_name(cfg.model):

@@ -328,12 +328,14 @@ def generate(config: GenConfig | str | Sequence[str] | None = None, *, log: Log 
 
 
 def _generate_video(cfg: GenConfig, t_start: float, say: Log, pipe) -> GenResult:
-    from clear_cli.jobs.gen_video import generate_video
+    from clear_cli.jobs.gen_video import generate_video, plan_video_outputs
     from clear_cli.models.pipeline import check_model_family
 
     _validate(cfg)
     plist = read_prompts(list(cfg.prompts), cfg.prompts_file)
     check_model_family(cfg.model)
+    plans = plan_video_outputs(plist, cfg, slug)
+    check_outputs(plans, compare=False, overwrite=cfg.overwrite)
     from clear_cli.attention.kernels import check_backend
     from clear_cli.devices import resolve_device, resolve_dtype
 
@@ -343,7 +345,7 @@ def _generate_video(cfg: GenConfig, t_start: float, say: Log, pipe) -> GenResult
         check_backend(cfg.backend, dev)
     except ValueError as e:
         raise UsageError(f"--backend: {e}") from None
-    written = generate_video(cfg, plist, say=say, pipe=pipe)
+    written = generate_video(cfg, plans, say=say, pipe=pipe)
     outs = [GenOutput(path=w["path"], prompt=w["prompt"], seed=w["seed"], width=w["width"], height=w["height"],
                       seconds=w["seconds"]) for w in written]
     return GenResult(images=outs, seconds=time.perf_counter() - t_start)
