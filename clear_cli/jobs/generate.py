@@ -57,7 +57,8 @@ class GenConfig:
     force: bool = doc(False, "run even when --window/--down-factor clash with the weights")
     base: str | None = doc(None, "model the weights were trained from when --model is another (a derivative): "
                                  "applied as a delta (weights minus base) onto --model's own projections")
-    model: str = doc(DEFAULT_MODEL, "hub id, local diffusers dir, tiny or tiny-random (video: wan-tiny-random, tiny-wan)")
+    model: str = doc(DEFAULT_MODEL, "hub id, local diffusers dir, tiny or tiny-random "
+                                    "(video: wan-tiny-random, tiny-wan)")
     steps: int | None = doc(None, f"denoising steps of the base (or direct) stage (default {default_text('steps')})")
     refine_steps: int | None = doc(None, "schedule length of refinement stages; each runs round(steps*strength) "
                                          f"(default {default_text('refine_steps', flux='20 as the authors')})")
