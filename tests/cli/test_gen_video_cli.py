@@ -66,3 +66,11 @@ def test_synth_refuses_wan_in_one_line(cli, tmp_path):
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "does not run on wan models yet" in lines[0], err
     assert not any((tmp_path / "d").glob("*"))   # synth may have made the (empty) folder, nothing in it
+
+
+def test_gen_frames_on_the_tiny_wan_teacher_random(cli, tmp_path):
+    code, _, err = cli("gen", "--model", "tiny-wan-random", "a red square moving left", "--frames", "5", "--steps",
+                       "1", "--window", "2", "--time-window", "0", "--out", str(tmp_path))
+    assert code == 0, err
+    (out,) = tmp_path.glob("*.webp")
+    assert Image.open(out).n_frames == 5 and Image.open(out).size == (64, 64)
