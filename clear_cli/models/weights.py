@@ -268,7 +268,7 @@ def _check_attention_keys(keys: list[str], path: Path) -> None:
     bad = [k for k in keys if not _ATTN_KEY.match(k)]
     if bad:
         raise ClearError(f"weights {path.name} is not an attention-weight file: {len(bad)} key(s) are not "
-                         f"attention parameters of a FLUX block ({_few(bad)})",
+                         f"attention parameters of a transformer block ({_few(bad)})",
                          "pass the output of `clear distill`/`clear export`, or a published CLEAR checkpoint")
 
 
