@@ -24,9 +24,11 @@ TINY_MODELS = ("tiny", "tiny-random")  # the built-in tiny FLUX, trained and ran
 TINY_BASE_RES = 128  # the size the built-in tiny FLUX trains at (docs/tiny.md)
 RANDOM_MODELS = ("flux-dev-random",)  # FLUX.1-dev's architecture with seeded random weights (models/flux_dev.py)
 QWEN_TINY_MODELS = ("qwen-image-tiny-random",)  # Qwen-Image's architecture at test size (models/qwen_image.py)
-BUILTIN_MODELS = TINY_MODELS + RANDOM_MODELS + QWEN_TINY_MODELS
+WAN_TINY_MODELS = ("wan-tiny-random",)  # Wan 2.1's architecture at test size, a video model (models/wan.py)
+BUILTIN_MODELS = TINY_MODELS + RANDOM_MODELS + QWEN_TINY_MODELS + WAN_TINY_MODELS
 # The built-in tiny Wan (a video model: WanPipeline, not FLUX), trained and random (clear_cli/models/tiny_wan.py)
 TINY_VIDEO_MODELS = ("tiny-wan", "tiny-wan-random")
+VIDEO_MODELS = WAN_TINY_MODELS + TINY_VIDEO_MODELS  # built-in names of video models (`clear gen --frames`)
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class ModelDefaults:
 FLUX_DEFAULTS = ModelDefaults(base_res=BASE_RES, steps=28, refine_steps=20)  # 20: the authors' refinement
 # 20 steps as the tiny model's own checks sample; refinement kept short so CPU runs stay quick
 TINY_DEFAULTS = ModelDefaults(base_res=TINY_BASE_RES, steps=20, refine_steps=8)
+WAN_TINY_DEFAULTS = ModelDefaults(base_res=64, steps=4, refine_steps=4)   # untrained: a few steps show the path
+TINY_WAN_DEFAULTS = ModelDefaults(base_res=64, steps=20, refine_steps=8)   # the trained tiny Wan's checks sample so
 
 
 def is_tiny(model: object) -> bool:
@@ -48,6 +52,10 @@ def is_tiny(model: object) -> bool:
 
 
 def model_defaults(model: object) -> ModelDefaults:
+    if str(model) in WAN_TINY_MODELS:
+        return WAN_TINY_DEFAULTS
+    if str(model) in TINY_VIDEO_MODELS:
+        return TINY_WAN_DEFAULTS
     return TINY_DEFAULTS if is_tiny(model) or str(model) in QWEN_TINY_MODELS else FLUX_DEFAULTS
 
 

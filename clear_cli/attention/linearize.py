@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from clear_cli.attention.adapters import ModelAdapter, adapter_for, families
+from clear_cli.attention.adapters import ModelAdapter, adapter_for, families, video_families
 from clear_cli.attention.context import (
     FLUX_TRAIN_SEQ_LEN, Capture, ClearSettings, ClearState, geometry_pre_hook, proportional_scale,
 )
@@ -64,7 +64,8 @@ def _transformer(model) -> nn.Module:
             inner = getattr(model, "transformer", None)
             found += f" whose transformer is {type(inner).__name__}" if inner is not None else " without a transformer"
         raise ValueError(f"linearize found a {found} (no FluxAttention modules); it supports {SUPPORTED}; other "
-                         f"families with a model adapter: {', '.join(f for f in families() if f != 'flux')}")
+                         f"families with a model adapter: {', '.join(f for f in families() if f != 'flux')}; video: "
+                         f"{', '.join(video_families())}")
     return module
 
 
@@ -98,11 +99,11 @@ def clear_processors(model) -> list[ClearProcessorBase]:
 
 
 def is_linearized(model) -> bool:
-    from clear_cli.attention.wan import is_wan, is_wan_linearized
-
-    if is_wan(model):
-        return is_wan_linearized(model)
-    return getattr(_transformer(model), STATE_ATTR, None) is not None
+    transformer = _transformer(model)
+    adapter = adapter_for(transformer)
+    if adapter.video:
+        return adapter.is_installed(transformer)
+    return getattr(transformer, STATE_ATTR, None) is not None
 
 
 def _settings(window: int, down_factor: int, backend: str, proportional_attention: bool,
@@ -153,12 +154,14 @@ def linearize(model, window: int = 16, down_factor: int = 1, backend: str = "aut
     backend) or, to measure the choice, `shared` / `own` (dense mask, small sizes only).
     A pipeline's ControlNet (FluxControlNetPipeline) is linearized with the same settings.
     Calling it again replaces every setting; pooling weights survive when f is unchanged, teacher copies always.
-    time_window: for a video model (Wan: `attention.wan`), the temporal radius in latent frames (0 = same frame).
+    time_window: for a video family (`adapter.video`, Wan: adapters/wan.py), the temporal radius in latent frames
+    (0 = same frame); required there, refused on an image model.
     """
-    if _video_model(model, time_window, down_factor, proportional_attention, ntk_factor, keep_teacher):
-        from clear_cli.attention.wan import linearize_wan
-        return linearize_wan(model, window, time_window, backend, ntk_factor=ntk_factor)
     transformer = _transformer(model)
+    adapter = adapter_for(transformer)
+    if _video_model(adapter, time_window, down_factor, proportional_attention, keep_teacher):
+        adapter.install(transformer, window, time_window, backend, ntk_factor)
+        return model
     if train_seq_len is None:
         train_seq_len = adapter_for(transformer).facts.train_seq_len
     settings = _settings(window, down_factor, backend, proportional_attention, train_seq_len, ntk_factor,
@@ -198,11 +201,9 @@ def _install(transformer: nn.Module, settings: ClearSettings, keep_teacher: bool
         adapter.scale_rope(transformer, settings.ntk_factor)
 
 
-def _video_model(model, time_window, down_factor, proportional_attention, ntk_factor, keep_teacher) -> bool:
-    """True for a Wan model (after checking the options it takes); ValueError for time_window on an image model."""
-    from clear_cli.attention.wan import is_wan
-
-    if not is_wan(model):
+def _video_model(adapter: ModelAdapter, time_window, down_factor, proportional_attention, keep_teacher) -> bool:
+    """True for a video family (after checking the options it takes); ValueError for time_window on an image one."""
+    if not adapter.video:
         if time_window is not None:
             raise ValueError("time_window is for video models (Wan); an image model takes window alone")
         return False
@@ -210,17 +211,18 @@ def _video_model(model, time_window, down_factor, proportional_attention, ntk_fa
         raise ValueError("a video model needs time_window too (temporal radius in latent frames; 0 = same frame), "
                          "e.g. linearize(pipe, window=16, time_window=4)")
     if down_factor != 1 or proportional_attention or keep_teacher:
-        raise ValueError("Wan takes window, time_window, backend and ntk_factor only so far (no down_factor, "
-                         "proportional attention or keep_teacher)")
+        raise ValueError(f"{adapter.family} takes window, time_window, backend and ntk_factor only so far (no "
+                         "down_factor, proportional attention or keep_teacher)")
     return True
 
 
 def unlinearize(model):
     """Restore the processors (and RoPE) that were installed before `linearize`; a no-op on a stock model."""
-    from clear_cli.attention.wan import is_wan, unlinearize_wan
-
-    if is_wan(model):
-        return unlinearize_wan(model)
+    transformer = _transformer(model)
+    adapter = adapter_for(transformer)
+    if adapter.video:
+        adapter.uninstall(transformer)
+        return model
     for module in [_transformer(model), *_controlnets(model)]:
         _uninstall(module)
     return model

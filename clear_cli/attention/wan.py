@@ -12,7 +12,7 @@ transformer reads hidden_states [B, C, F, H, W] and the patch size (p_t, p_h, p_
 any clip length and size works without configuration. The processor computes q/k/v, RMSNorm and the 3-D RoPE as
 the stock one does, then `clear_video_attention`; with a window that covers the whole volume it is stock attention.
 
-Self-contained on purpose: it becomes the Wan adapter once the model-adapter interface lands (issue 19).
+`clear_cli.attention.adapters.wan.WanAdapter` is how the rest of `clear` reaches this module (the adapter registry).
 `ntk_factor` rebuilds the 3-D RoPE tables with theta x factor on every axis (NTK, as the 2-D path does for FLUX)
 and `unlinearize_wan` puts the stock tables back.
 Not yet here: teacher copies for distillation, trainable-parameter selection.
@@ -64,6 +64,7 @@ class WanClearState:
     grid: tuple[int, int, int] | None = None
     hook: object = None
     rope: tuple | None = None   # the stock (freqs_cos, freqs_sin) while an NTK factor is applied
+    ntk_factor: float | None = None
 
 
 def _rope_tables(rope: nn.Module, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,11 +86,13 @@ def _set_rope(transformer: nn.Module, state: WanClearState, ntk_factor: float | 
     if state.rope is not None:   # back to the stock tables first
         rope.freqs_cos, rope.freqs_sin = state.rope
         state.rope = None
+    state.ntk_factor = None
     if ntk_factor is not None:
         if not ntk_factor > 0:
             raise ValueError(f"ntk_factor must be > 0, got {ntk_factor!r}")
         state.rope = (rope.freqs_cos, rope.freqs_sin)
         rope.freqs_cos, rope.freqs_sin = _rope_tables(rope, ntk_factor)
+        state.ntk_factor = float(ntk_factor)
 
 
 def _grid_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:

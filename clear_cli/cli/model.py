@@ -41,6 +41,10 @@ def info(
         print(f"model            {model} (family {adapter.family}: {type(pipe).__name__})")
         print(f"transformer      {n_attn} attention blocks, {cfg.num_attention_heads} heads x {cfg.attention_head_dim}, "
               f"{sum(p.numel() for p in tr.parameters()) / 1e6:.2f}M parameters")
+        if adapter.video:   # text reaches the video through cross-attention, which CLEAR leaves stock
+            print("text             through cross-attention (stock); CLEAR runs in self-attention (window, "
+                  "time_window)")
+            return
         print(f"text length      up to {text_len(pipe)} tokens (prompts padded per batch, padding masked)")
         trained = sum(p.numel() for p in trainable_attention_parameters(tr).values())
         print(f"image branch     {trained / 1e6:.2f}M parameters distilled")

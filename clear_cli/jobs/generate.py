@@ -57,7 +57,8 @@ class GenConfig:
     force: bool = doc(False, "run even when --window/--down-factor clash with the weights")
     base: str | None = doc(None, "model the weights were trained from when --model is another (a derivative): "
                                  "applied as a delta (weights minus base) onto --model's own projections")
-    model: str = doc(DEFAULT_MODEL, "hub id, local diffusers dir, tiny or tiny-random")
+    model: str = doc(DEFAULT_MODEL, "hub id, local diffusers dir, tiny or tiny-random "
+                                    "(video: wan-tiny-random, tiny-wan)")
     steps: int | None = doc(None, f"denoising steps of the base (or direct) stage (default {default_text('steps')})")
     refine_steps: int | None = doc(None, "schedule length of refinement stages; each runs round(steps*strength) "
                                          f"(default {default_text('refine_steps', flux='20 as the authors')})")
@@ -86,6 +87,9 @@ class GenConfig:
     control: str | None = doc(None, "ControlNet control image (needs --controlnet)")
     controlnet: str | None = doc(None, "FLUX ControlNet model for --control: hub id or local folder")
     kontext: bool = doc(False, "--image is a Kontext reference (FLUX.1-Kontext models), not an img2img start")
+    frames: int | None = doc(None, "video models (Wan): frames per video, 4k + 1 (e.g. 9); writes animated WebP")
+    time_window: int | None = doc(None, "video models: CLEAR temporal radius in latent frames (0 = same frame; "
+                                        "default 4); needs --frames")
 
 
 @dataclass
@@ -268,6 +272,11 @@ def generate(config: GenConfig | str | Sequence[str] | None = None, *, log: Log 
         log, progress = par.main_only(log), progress and par.is_main
     # --- end parallel ---
     say, warn = sayer(log), warner(log)
+    from clear_cli.jobs.gen_video import check_video_options
+
+    check_video_options(cfg)
+    if cfg.frames is not None:   # video (Wan): one direct stage per video, animated WebP
+        return _generate_video(cfg, t_start, say, pipe)
     c = _check(cfg)
     weights, window, down = _weights(cfg, c, pipe, say, warn)
     pipe = _load(cfg, c.device, pipe)
@@ -317,6 +326,30 @@ def generate(config: GenConfig | str | Sequence[str] | None = None, *, log: Log 
         if hasattr(pipe, "maybe_free_model_hooks"):
             pipe.maybe_free_model_hooks()
     return GenResult(images=results, seconds=time.perf_counter() - t_start, is_main=is_main_process())
+
+
+def _generate_video(cfg: GenConfig, t_start: float, say: Log, pipe) -> GenResult:
+    from clear_cli.jobs.gen_video import generate_video, plan_video_outputs
+    from clear_cli.models.pipeline import check_model_family
+
+    _validate(cfg)
+    plist = read_prompts(list(cfg.prompts), cfg.prompts_file)
+    check_model_family(cfg.model)
+    plans = plan_video_outputs(plist, cfg, slug)
+    check_outputs(plans, compare=False, overwrite=cfg.overwrite)
+    from clear_cli.attention.kernels import check_backend
+    from clear_cli.devices import resolve_device, resolve_dtype
+
+    dev = resolve_device(cfg.device)
+    resolve_dtype(cfg.dtype, dev)
+    try:
+        check_backend(cfg.backend, dev)
+    except ValueError as e:
+        raise UsageError(f"--backend: {e}") from None
+    written = generate_video(cfg, plans, say=say, pipe=pipe)
+    outs = [GenOutput(path=w["path"], prompt=w["prompt"], seed=w["seed"], width=w["width"], height=w["height"],
+                      seconds=w["seconds"]) for w in written]
+    return GenResult(images=outs, seconds=time.perf_counter() - t_start)
 
 
 @dataclass

@@ -301,9 +301,6 @@ def _tensor_spec(plan: _Plan, pipe, facts: dict) -> dict:
 def _compute_chunk(pipe, plan: _Plan, chunk: int, device, text_len: int) -> list:
     import torch
 
-    from clear_cli.data import images
-    from clear_cli.data.store import Sample
-
     cfg = plan.config
     idx = layout.chunk_indices(chunk, plan.n, cfg.batch_size)
     prompts = [plan.prompt(i) for i in idx]
@@ -323,38 +320,21 @@ def _compute_chunk(pipe, plan: _Plan, chunk: int, device, text_len: int) -> list
                        output_type="pt", max_sequence_length=text_len).images
             pixels = (out.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
         else:
-            seeds = [None] * len(idx)
-            root = Path(cfg.from_images).expanduser()
-            pixels = torch.stack([images.load_image(root / plan.sources[i].rel, plan.width, plan.height)
-                                  for i in idx])
+            seeds, pixels = [None] * len(idx), _imported_pixels(plan, idx)
         mean = std = None
         if cfg.cache_latents:
             # Encode the stored 8-bit pixels, so the latents are exactly those of the image file on disk.
             x = pixels.to(device=device, dtype=pipe.vae.dtype) / 127.5 - 1.0
             dist = pipe.vae.encode(x).latent_dist
             mean, std = dist.mean, dist.std
-    samples = []
-    for k, i in enumerate(idx):
-        tensors = {}
-        if cfg.cache_embeddings:
-            tensors[layout.T5] = embeds[k].cpu().clone()
-            tensors[layout.POOLED] = pooled[k].cpu().clone()
-        if cfg.cache_latents:
-            tensors[layout.LATENT_MEAN] = mean[k].cpu().clone()
-            tensors[layout.LATENT_STD] = std[k].cpu().clone()
-        samples.append(Sample(index=i, prompt=prompts[k], seed=seeds[k], width=plan.width, height=plan.height,
-                              image=images.encode_image(pixels[k], cfg.image_format), tensors=tensors,
-                              source=plan.sources[i].rel if plan.mode == "import" else None))
-    return samples
+    text = {layout.T5: embeds, layout.POOLED: pooled} if cfg.cache_embeddings else {}
+    return _samples(plan, idx, prompts, seeds, pixels, text, mean, std)
 
 
 def _compute_chunk_qwen(pipe, plan: _Plan, idx: list[int], prompts: list[str], device, text_len: int) -> list:
     """`_compute_chunk` in QwenImagePipeline's conventions: prompt embeddings padded to `text_len` with their mask,
     latents of the [B, C, 1, h, w] VAE without the frame axis."""
     import torch
-
-    from clear_cli.data import images
-    from clear_cli.data.store import Sample
 
     cfg = plan.config
     with torch.inference_mode():
@@ -369,10 +349,7 @@ def _compute_chunk_qwen(pipe, plan: _Plan, idx: list[int], prompts: list[str], d
                        max_sequence_length=text_len).images
             pixels = (out.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
         else:
-            seeds = [None] * len(idx)
-            root = Path(cfg.from_images).expanduser()
-            pixels = torch.stack([images.load_image(root / plan.sources[i].rel, plan.width, plan.height)
-                                  for i in idx])
+            seeds, pixels = [None] * len(idx), _imported_pixels(plan, idx)
         mean = std = None
         if cfg.cache_latents:
             x = pixels.to(device=device, dtype=pipe.vae.dtype) / 127.5 - 1.0
@@ -381,12 +358,29 @@ def _compute_chunk_qwen(pipe, plan: _Plan, idx: list[int], prompts: list[str], d
     pad = text_len - embeds.shape[1]
     embeds = torch.nn.functional.pad(embeds, (0, 0, 0, pad))
     mask = torch.nn.functional.pad(mask, (0, pad)).bool()
+    text = {layout.T5: embeds, layout.TEXT_MASK: mask} if cfg.cache_embeddings else {}
+    return _samples(plan, idx, prompts, seeds, pixels, text, mean, std)
+
+
+def _imported_pixels(plan: _Plan, idx: list[int]):
+    """The user's images for these indices, resized to the set's size, as uint8 [B, 3, H, W]."""
+    import torch
+
+    from clear_cli.data import images
+
+    root = Path(plan.config.from_images).expanduser()
+    return torch.stack([images.load_image(root / plan.sources[i].rel, plan.width, plan.height) for i in idx])
+
+
+def _samples(plan: _Plan, idx: list[int], prompts: list[str], seeds: list, pixels, text: dict, mean, std) -> list:
+    """One Sample per index: its encoded image, the cached text tensors and, when asked, the latent moments."""
+    from clear_cli.data import images
+    from clear_cli.data.store import Sample
+
+    cfg = plan.config
     samples = []
     for k, i in enumerate(idx):
-        tensors = {}
-        if cfg.cache_embeddings:
-            tensors[layout.T5] = embeds[k].cpu().clone()
-            tensors[layout.TEXT_MASK] = mask[k].cpu().clone()
+        tensors = {name: t[k].cpu().clone() for name, t in text.items()}
         if cfg.cache_latents:
             tensors[layout.LATENT_MEAN] = mean[k].cpu().clone()
             tensors[layout.LATENT_STD] = std[k].cpu().clone()
@@ -589,7 +583,7 @@ def verify(out: str | Path, *, repair: bool = False, device: str = "auto", pipe=
     """
     root = Path(out).expanduser()
     card = layout.read_card(root)
-    n, batch = int(card["n"]), int(card["batch_size"])
+    n = int(card["n"])
     state = _state()
     found = _check_all(root, card, progress) if state.is_main_process else None
     if state.num_processes > 1:  # every process must take the same decisions below
@@ -601,7 +595,6 @@ def verify(out: str | Path, *, repair: bool = False, device: str = "auto", pipe=
     report = _report(root, n, found, state.is_main_process)
     if not repair or report.clean:
         return report
-    bad_chunks = found[2]
     with OutLock(root, "synth --verify --repair") if state.is_main_process else contextlib.nullcontext():
         return _repair(root, card, found, report, device, pipe, progress, on_batch, state)
 

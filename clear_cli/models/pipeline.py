@@ -9,7 +9,9 @@ import torch
 from diffusers import FluxPipeline as _StockFluxPipeline
 
 from clear_cli.errors import ClearError
-from clear_cli.flux import DEFAULT_MODEL, QWEN_TINY_MODELS, RANDOM_MODELS, TINY_MODELS, TINY_VIDEO_MODELS
+from clear_cli.flux import (
+    DEFAULT_MODEL, QWEN_TINY_MODELS, RANDOM_MODELS, TINY_MODELS, TINY_VIDEO_MODELS, WAN_TINY_MODELS,
+)
 from clear_cli.models import tiny
 from clear_cli.models.text import text_len
 
@@ -73,13 +75,13 @@ def _stock_class(path: Path):
 
     import diffusers
 
-    from clear_cli.attention.adapters import ADAPTERS, families
+    from clear_cli.attention.adapters import ADAPTERS, VIDEO_ADAPTERS, families
 
     index = json.loads((path / "model_index.json").read_text())
     name = str(index.get("_class_name", ""))
     tr = index.get("transformer") or [None, None]
     tr_class = str(tr[1]) if isinstance(tr, list) and len(tr) > 1 else ""
-    known = [a for a in ADAPTERS if tr_class in a.transformer_classes or name in a.pipeline_classes]
+    known = [a for a in (*ADAPTERS, *VIDEO_ADAPTERS) if tr_class in a.transformer_classes or name in a.pipeline_classes]
     if name == "FluxPipeline" or tr_class == "FluxTransformer2DModel":
         return _StockFluxPipeline
     if not known or not hasattr(diffusers, name):
@@ -151,6 +153,9 @@ def load_pipeline(model: str = DEFAULT_MODEL, *, device: str | torch.device | No
     elif name in QWEN_TINY_MODELS:
         from clear_cli.models import qwen_image
         pipe = qwen_image.build(seed=seed)
+    elif name in WAN_TINY_MODELS:
+        from clear_cli.models import wan
+        pipe = wan.build(seed=seed)
     else:
         path = Path(name).expanduser()
         if path.exists():

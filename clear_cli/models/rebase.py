@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from clear_cli.errors import ClearError, UsageError
-from clear_cli.flux import DEFAULT_MODEL, QWEN_TINY_MODELS, RANDOM_MODELS, TINY_MODELS
+from clear_cli.flux import DEFAULT_MODEL, QWEN_TINY_MODELS, RANDOM_MODELS, TINY_MODELS, WAN_TINY_MODELS
 from clear_cli.models.weights import POOL_SUFFIX, AttnWeights, resolve_spec
 
 PUBLISHED_BASE = DEFAULT_MODEL  # the authors distilled every published CLEAR checkpoint from FLUX.1-dev
@@ -53,7 +53,7 @@ def canonical(model: str) -> str:
     """One spelling per model: built-in names as they are, hub ids lower-cased, local paths resolved (a hub-cache
     snapshot folder counts as its hub id)."""
     text = str(model).strip()
-    if text in TINY_MODELS or text in RANDOM_MODELS or text in QWEN_TINY_MODELS:
+    if text in TINY_MODELS or text in RANDOM_MODELS or text in QWEN_TINY_MODELS or text in WAN_TINY_MODELS:
         return text
     path = Path(text).expanduser()
     if path.exists():
@@ -250,7 +250,7 @@ class Projections(Mapping[str, torch.Tensor]):
 
 def _wanted(keys: Iterable[str] | None) -> Callable[[str], bool]:
     if keys is None:  # what deltas and exports need: attention tensors (+ the mlp rows ComfyUI fuses with q/k/v)
-        return lambda k: ".attn." in k or ".proj_mlp." in k
+        return lambda k: ".attn." in k or ".attn1." in k or ".proj_mlp." in k   # attn1: Wan's self-attention
     wanted = set(keys)
     return wanted.__contains__
 
@@ -356,6 +356,10 @@ def _builtin(name: str, keep: Callable[[str], bool], dtype: torch.dtype | None) 
         from clear_cli.models import qwen_image
 
         state = qwen_image.build_components()["transformer"].state_dict()
+    elif name in WAN_TINY_MODELS:
+        from clear_cli.models import wan
+
+        state = wan.build_components()["transformer"].state_dict()
     else:  # flux-dev-random: nothing stored, so the transformer is built (what load_pipeline would allocate)
         from clear_cli.models.pipeline import load_pipeline
 
@@ -373,7 +377,7 @@ def projections(base: str, *, keys: Iterable[str] | None = None, dtype: torch.dt
     """
     name = str(base).strip()
     keep = _wanted(keys)
-    if name in TINY_MODELS or name in RANDOM_MODELS or name in QWEN_TINY_MODELS:
+    if name in TINY_MODELS or name in RANDOM_MODELS or name in QWEN_TINY_MODELS or name in WAN_TINY_MODELS:
         return _builtin(name, keep, dtype)
     path = Path(name).expanduser()
     if path.is_dir():

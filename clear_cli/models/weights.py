@@ -45,7 +45,9 @@ LORA_PREFIX = "transformer."
 KINDS = ("clear", "published", "lora")
 
 # <block>.<index>.attn.<anything>: the only keys an attention-weight file may hold.
-_ATTN_KEY = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.\d+\.attn\.[A-Za-z0-9_.]+$")
+# FLUX / Qwen-Image / Chroma blocks' `attn`, and Wan's self-attention `blocks.N.attn1` (the one CLEAR replaces)
+_ATTN_KEY = re.compile(r"^(?:(transformer_blocks|single_transformer_blocks)\.\d+\.attn|blocks\.\d+\.attn1)"
+                       r"\.[A-Za-z0-9_.]+$")
 _LORA_KEY = re.compile(r"^transformer\.(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias)$")
 _PUBLISHED_NAME = re.compile(r"^clear_local_(?P<r>\d+)(?:_down_(?P<f>\d+))?\.safetensors$")
 _HUB_SPEC = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+):(?P<file>[^:]+)$")
@@ -266,7 +268,7 @@ def _check_attention_keys(keys: list[str], path: Path) -> None:
     bad = [k for k in keys if not _ATTN_KEY.match(k)]
     if bad:
         raise ClearError(f"weights {path.name} is not an attention-weight file: {len(bad)} key(s) are not "
-                         f"attention parameters of a FLUX block ({_few(bad)})",
+                         f"attention parameters of a transformer block ({_few(bad)})",
                          "pass the output of `clear distill`/`clear export`, or a published CLEAR checkpoint")
 
 

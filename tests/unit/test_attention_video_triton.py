@@ -4,7 +4,6 @@ child process (tests/unit/_triton_video_interp.py) as for the 2-D kernel. fp32 w
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -14,19 +13,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_triton_video_interp.py")
-TOL = {"fp32": 1e-5, "fp16": 2e-3}
 
 from _triton_video_interp import SUITES  # noqa: E402  (tests/unit is on sys.path)
+from triton_interp_harness import check, run_suite  # noqa: E402
 
 
 def _run_suite(suite: str) -> dict:
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(WORKER), suite], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_suite(WORKER, suite, timeout=1800)
 
 
 @pytest.fixture(scope="module")
@@ -39,23 +32,15 @@ def slow_results():
     return _run_suite("slow")
 
 
-def _check(res: dict) -> None:
-    assert "error" not in res, res.get("error")
-    assert res["finite"] and res["same_layout"]
-    tol = TOL[res["dtype"]]
-    bad = {n: e / res["scale"][n] for n, e in res["err"].items() if e / res["scale"][n] > tol}
-    assert not bad, f"beyond {tol}: {bad}"
-
-
 @pytest.mark.parametrize("name", SUITES["default"])
 def test_video_triton_interpreter_matches_reference(default_results, name):
-    _check(default_results[name])
+    check(default_results[name])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SUITES["slow"])
 def test_video_triton_interpreter_more_shapes(slow_results, name):
-    _check(slow_results[name])
+    check(slow_results[name])
 
 
 @pytest.mark.slow

@@ -40,6 +40,7 @@ class ModelAdapter:
     pipeline_classes: tuple[str, ...] = ()      # diffusers pipelines of the family (docs, messages)
     kwargs_argument: str = "joint_attention_kwargs"   # transformer.forward argument whose dict reaches processors
     text_first: bool = True                # global (text) tokens precede the image tokens in the joint sequence
+    video: bool = False                    # a video family (VideoAdapter): 3-D grid, linearize takes time_window
     facts: ModelFacts
 
     # -- which modules ---------------------------------------------------------------------------------------
@@ -87,3 +88,28 @@ class ModelAdapter:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.family}>"
+
+
+class VideoAdapter(ModelAdapter):
+    """A video family: image tokens on a (frames, rows, columns) grid, linearized with a spatial `window` and a
+    temporal `time_window` (`attention.video_kernels`). Its processors keep their own state, so `linearize` hands
+    the whole install to the adapter instead of the image families' shared ClearState path."""
+
+    video = True
+    temporal_factor: int = 1    # pixel frames per latent frame
+
+    def read_grid(self, transformer: nn.Module, arguments: dict) -> tuple[int, int, int]:
+        """(frames, rows, columns) token grid of one transformer call, from its forward arguments by name."""
+        raise NotImplementedError
+
+    def install(self, transformer: nn.Module, window: int, time_window: int, backend: str,
+                ntk_factor: float | None) -> None:
+        """Install (or reconfigure) the CLEAR processors; validates its arguments (ValueError)."""
+        raise NotImplementedError
+
+    def uninstall(self, transformer: nn.Module) -> None:
+        """Restore the stock processors and RoPE; a no-op on a stock model."""
+        raise NotImplementedError
+
+    def is_installed(self, transformer: nn.Module) -> bool:
+        raise NotImplementedError
