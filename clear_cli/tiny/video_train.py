@@ -48,7 +48,7 @@ class TinyWanTrainConfig:
     seed: int = doc(0, "seed of the model init, the clips, the noise and every batch")
     size: int = doc(64, "frame size of the training clips in pixels (multiple of 8)")
     frames: int = doc(13, "frames per training clip (4k + 1)")
-    vae_steps: int = doc(600, "VAE optimizer steps")
+    vae_steps: int = doc(1500, "VAE optimizer steps (600 kept the shape and motion but lost the colour)")
     vae_batch: int = doc(2, "VAE batch (windows of vae_frames frames)")
     vae_frames: int = doc(9, "VAE window in frames: 9 = the first frame + 2 causal chunks (5 never trained chunk 3 on)")
     vae_crop: int = doc(64, "VAE crop in pixels around the shape (64: whole frames; 32 px crops left box artefacts at 64)")
