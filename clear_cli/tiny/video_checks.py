@@ -19,9 +19,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from clear_cli.config import doc, merge_options
 from clear_cli.flux import TINY_VIDEO_MODELS
+from clear_cli.logs import Log, sayer
 from clear_cli.tiny import HELD_OUT_SEED
 from clear_cli.tiny import video_scenes as vs
+from clear_cli.tiny.checks import CheckResult, _check_figures_out
 
 WINDOWS = ((2, 0), (3, 0), (2, 2), (3, 2))  # (r, r_t) in tokens / latent frames (strict "< 1": r_t=2 reaches dt=1)
 
@@ -243,6 +246,46 @@ def attention_locality(pipe, n: int = 8, *, start: int = HELD_OUT_SEED, steps: i
 
 
 # ---------------------------------------------------------------- the command's driver
+
+
+@dataclass
+class TinyWanCheckConfig:
+    """`clear tiny video-check`; each field is the CLI option of the same name."""
+
+    model: str = doc("tiny-wan", "`tiny-wan` (shipped weights), `tiny-wan-random`, a tiny_wan.safetensors, or a "
+                                 "run's checkpoints/wan_N.safetensors")
+    n: int = doc(100, "held-out prompts in the colour and motion check")
+    steps: int = doc(20, "sampling steps")
+    guidance: float = doc(4.0, "classifier-free guidance scale")
+    start: int = doc(HELD_OUT_SEED, "first held-out clip seed (another set: 2000000000)")
+    locality: bool = doc(True, "measure attention locality per layer")
+    threads: int = doc(1, "torch CPU threads")
+    out: str | None = doc(None, "also write the figures as JSON here")
+
+
+def check(config: TinyWanCheckConfig | None = None, *, log: Log | None = None, progress: bool = True,
+          **options: Any) -> CheckResult:
+    """Colour and motion following, and attention locality, of a tiny Wan model; a CheckResult.
+
+    `config` or keyword `options` (TinyWanCheckConfig fields). `log` receives one line per figure as it is
+    measured (None: quiet; there are no progress bars, so `progress` changes nothing). With `out`, the figures
+    are also written there as JSON."""
+    import json
+
+    from clear_cli.files import atomic_write_text
+
+    cfg = merge_options(TinyWanCheckConfig, config, options, job="video_check")
+    if cfg.out is not None:
+        _check_figures_out(Path(cfg.out))
+    torch.set_num_threads(cfg.threads)
+    figures = run_checks(cfg.model, n=cfg.n, steps=cfg.steps, guidance=cfg.guidance, start=cfg.start,
+                         locality=cfg.locality, log=sayer(log))
+    path = None
+    if cfg.out is not None:
+        path = Path(cfg.out)
+        atomic_write_text(path, json.dumps(figures, indent=1))
+        sayer(log)(f"wrote {path}")
+    return CheckResult(figures=figures, path=path)
 
 
 def load(model: str):

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clear_cli.config import doc, to_dict
+from clear_cli.config import doc, merge_options, to_dict
 from clear_cli.errors import ClearError, UsageError
-from clear_cli.files import atomic_copy, remove_owned, save_safetensors
+from clear_cli.files import atomic_copy, check_out_dir, remove_owned, save_safetensors
+from clear_cli.logs import Log, sayer
 from clear_cli.models import tiny_wan
 from clear_cli.tiny import video_scenes as vs
 from clear_cli.tiny.train import TrainResult, _latest_ckpt, _lr_at, _progress, _Run, _run_stage
@@ -37,14 +38,17 @@ from clear_cli.tiny.train import TrainResult, _latest_ckpt, _lr_at, _progress, _
 RESULT_NAME = "tiny_wan.safetensors"
 OWNED = ("state.json", "train_log.jsonl", "checkpoints", RESULT_NAME)  # all that --overwrite may delete
 STAGES = ("vae", "cache", "wan", "done")
+RUN_FIELDS = ("out", "minutes", "resume", "overwrite", "device", "install")  # how a call runs, not the recipe
 
 
 @dataclass
 class TinyWanTrainConfig:
+    """`clear tiny video-train`: the recipe of the tiny Wan teacher, then how this call runs (RUN_FIELDS)."""
+
     seed: int = doc(0, "seed of the model init, the clips, the noise and every batch")
     size: int = doc(64, "frame size of the training clips in pixels (multiple of 8)")
     frames: int = doc(13, "frames per training clip (4k + 1)")
-    vae_steps: int = doc(600, "VAE optimizer steps")
+    vae_steps: int = doc(1500, "VAE optimizer steps (600 kept the shape and motion but lost the colour)")
     vae_batch: int = doc(2, "VAE batch (windows of vae_frames frames)")
     vae_frames: int = doc(9, "VAE window in frames: 9 = the first frame + 2 causal chunks (5 never trained chunk 3 on)")
     vae_crop: int = doc(64, "VAE crop in pixels around the shape (64: whole frames; 32 px crops left box artefacts at 64)")
@@ -54,7 +58,7 @@ class TinyWanTrainConfig:
     object_weight: float = doc(4.0, "flow-loss weight of tokens the shape covers vs background (the shape is small)")
     cache_size: int = doc(1024, "clips encoded once to latents for the transformer stage")
     steps: int = doc(800, "transformer optimizer steps")
-    batch: int = doc(32, "transformer batch (clips)")
+    batch_size: int = doc(32, "transformer batch (clips)")
     lr: float = doc(2e-3, "transformer learning rate (AdamW, warmup then cosine to 10%)")
     warmup: int = doc(50, "transformer warmup steps")
     ema: float = doc(0.995, "EMA decay of the trained weights (the EMA is what ships)")
@@ -62,6 +66,18 @@ class TinyWanTrainConfig:
     ckpt_every: int = doc(100, "checkpoint every N steps (and at the end of each stage / the time limit)")
     log_every: int = doc(10, "write the mean loss to train_log.jsonl every N steps")
     threads: int = doc(1, "torch CPU threads (1: the machine is shared)")
+    out: str = doc("out/tiny-wan", "run folder: checkpoints, train_log.jsonl, the result")
+    minutes: float | None = doc(None, "stop (with a checkpoint) after this many minutes")
+    resume: str | None = doc(None, "`auto`: continue the run in --out")
+    overwrite: bool = doc(False, "delete a previous run in --out and start again")
+    device: str = doc("cpu", "cpu (the documented recipe), auto, cuda or cuda:N")
+    install: bool = doc(False, "copy the result to the package (the shipped weights)")
+
+
+def _recipe(cfg: TinyWanTrainConfig) -> dict[str, Any]:
+    """What the run records and a resume compares: the config without RUN_FIELDS (`batch_size` under its first
+    key `batch`, so runs started before the CLI port resume)."""
+    return {("batch" if k == "batch_size" else k): v for k, v in to_dict(cfg).items() if k not in RUN_FIELDS}
 
 
 def _rng(cfg: TinyWanTrainConfig, stage: int, step: int) -> np.random.Generator:
@@ -206,8 +222,8 @@ def _wan_stage(cfg, run, pipe, tr, latents, weights, captions, dev, resume, dead
 
     def wan_step(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         rng = _rng(cfg, 2, step)
-        idx = rng.integers(0, len(latents), size=cfg.batch)
-        drop = rng.random(cfg.batch) < cfg.drop_text
+        idx = rng.integers(0, len(latents), size=cfg.batch_size)
+        drop = rng.random(cfg.batch_size) < cfg.drop_text
         caps = ["" if d else captions[i] for i, d in zip(idx, drop)]
         sel = torch.from_numpy(idx)
         return wan_loss(pipe, latents[sel.to(dev)], caps, _torch_gen(cfg, 2, step), weights[sel].to(dev)), {}
@@ -239,7 +255,7 @@ def _save_result(comps: dict[str, Any], tr: torch.nn.Module, cfg: TinyWanTrainCo
         comps[name].to("cpu")
     result = out / RESULT_NAME
     tiny_wan.save_trained(comps, result, metadata={
-        "config": json.dumps(to_dict(cfg)), "seconds": f"{seconds:.0f}", "torch": torch.__version__,
+        "config": json.dumps(_recipe(cfg)), "seconds": f"{seconds:.0f}", "torch": torch.__version__,
         "command": "clear tiny video-train", "format": "clear-tiny-wan-1",
     })
     return result
@@ -258,7 +274,7 @@ def _open_run(run: _Run, cfg: TinyWanTrainConfig, resume: str | None, overwrite:
         remove_owned(run.out, OWNED)
         prev = None
     if prev is not None:
-        saved, mine = prev.get("config", {}), json.loads(json.dumps(to_dict(cfg)))
+        saved, mine = prev.get("config", {}), json.loads(json.dumps(_recipe(cfg)))
         diff = [k for k in mine if k != "threads" and saved.get(k) != mine[k]]
         if diff:
             raise ClearError(f"{run.out} was trained with other settings ({', '.join(diff)})",
@@ -266,26 +282,49 @@ def _open_run(run: _Run, cfg: TinyWanTrainConfig, resume: str | None, overwrite:
     return prev
 
 
-def train(out: str | Path, cfg: TinyWanTrainConfig | None = None, *, minutes: float | None = None,
-          resume: str | None = None, overwrite: bool = False, progress: bool = True,
-          device: str | torch.device = "cpu",
-          on_step: Callable[[str, int, float], None] | None = None) -> TrainResult:
+def train(config: TinyWanTrainConfig | None = None, *, log: Log | None = None, progress: bool = True,
+          on_step: Callable[[str, int, float], None] | None = None, **options: Any) -> TrainResult:
     """Train (or resume) the tiny Wan teacher in `out`; returns where it stopped.
 
-    resume: None (fresh; refuses a folder that holds a run unless overwrite) or "auto" (continue from the latest
-    checkpoints). minutes: wall-clock limit for this call; at the limit a checkpoint is written and `finished` is
-    False (rerun with resume="auto").
+    `config` or keyword `options` (TinyWanTrainConfig fields). resume: None (fresh; refuses a folder that holds a
+    run unless overwrite) or "auto" (continue from the latest checkpoints). minutes: wall-clock limit for this
+    call; at the limit a checkpoint is written and `finished` is False (rerun with resume="auto"). install: copy
+    a finished result over the shipped weights. `log`: where it stopped.
     """
+    if "batch" in options:  # the name before the CLI port
+        options["batch_size"] = options.pop("batch")
+    cfg = merge_options(TinyWanTrainConfig, config, options, job="video_train")  # NaN/inf refused there
+    if cfg.minutes is not None and cfg.minutes <= 0:
+        raise UsageError(f"--minutes must be positive, got {cfg.minutes}")
+    small = [f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+             if f.type in (int, "int") and f.name not in ("seed", "warmup") and getattr(cfg, f.name) < 1]
+    if small:  # before the VAE stage, not after it; a 0-step run would write an untrained model
+        raise UsageError(f"{', '.join(small)}: must be at least 1")
+    check_out_dir(cfg.out)
+    result = _train(Path(cfg.out), cfg, progress=progress, on_step=on_step)
+    say = sayer(log)
+    if not result.finished:
+        say(f"stopped at the time limit in stage {result.stage}, step {result.step} ({result.seconds / 60:.1f} min "
+            f"so far); continue with: clear tiny video-train --out {cfg.out} --resume auto")
+        return result
+    say(f"done in {result.seconds / 60:.1f} min: {result.weights}")
+    if cfg.install and result.weights is not None:
+        say(f"installed: {install_weights(result.weights)}")
+    return result
+
+
+def _train(out: Path, cfg: TinyWanTrainConfig, *, progress: bool,
+           on_step: Callable[[str, int, float], None] | None) -> TrainResult:
+    """The three stages in order, each resumable from its checkpoints; then the result file."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     from clear_cli.devices import resolve_device
 
-    dev = resolve_device(str(device))
-    cfg = cfg or TinyWanTrainConfig()
-    out = Path(out)
+    dev = resolve_device(str(cfg.device))
+    minutes, resume = cfg.minutes, cfg.resume
     run = _Run(out)
-    prev = _open_run(run, cfg, resume, overwrite)
+    prev = _open_run(run, cfg, resume, cfg.overwrite)
     run.ckpt.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     t_start = time.monotonic()
@@ -295,7 +334,7 @@ def train(out: str | Path, cfg: TinyWanTrainConfig | None = None, *, minutes: fl
     run.clock = lambda: spent + time.monotonic() - t_start
 
     def save_state(stage_now: str, step: int) -> None:
-        run.write_state(stage=stage_now, step=step, config=to_dict(cfg), seconds=run.clock())
+        run.write_state(stage=stage_now, step=step, config=_recipe(cfg), seconds=run.clock())
 
     if stage == "done":
         result = out / RESULT_NAME
@@ -375,15 +414,6 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Path:
     tiny_wan.save_trained(comps, out, metadata={"checkpoint": Path(path).name, "command": "clear tiny video-train",
                                                 "format": "clear-tiny-wan-1", "torch": torch.__version__})
     return out
-
-
-def config_from_options(**overrides: Any) -> TinyWanTrainConfig:
-    """A config with the given non-None fields replaced (unknown names are a usage error)."""
-    names = {f.name for f in dataclasses.fields(TinyWanTrainConfig)}
-    bad = [k for k in overrides if k not in names]
-    if bad:
-        raise UsageError(f"unknown tiny video training setting(s): {', '.join(bad)}")
-    return dataclasses.replace(TinyWanTrainConfig(), **{k: v for k, v in overrides.items() if v is not None})
 
 
 def install_weights(path: str | Path) -> Path:

@@ -13,7 +13,8 @@ from clear_cli.flux import DEFAULT_MODEL
 
 # The job commands: each must be built by config_command from its config (a hand-typed option would drift).
 JOB_COMMANDS = {("gen",), ("synth",), ("eval",), ("export",), ("distill",), ("demo",), ("tiny", "train"),
-                ("tiny", "check"), ("bench", "attention"), ("bench", "video")}
+                ("tiny", "check"), ("tiny", "video-train"), ("tiny", "video-check"), ("bench", "attention"),
+                ("bench", "video")}
 OLD_SPELLINGS = {"--num-images", "--samples", "--student", "--batch", "--quiet"}
 
 
@@ -82,7 +83,8 @@ def test_one_vocabulary():
                     assert p.hidden, f"{where}: {spelling} is an old spelling and must stay hidden"
         if "model" in params and params["model"].default is not None:
             tiny_cmd = path[0] in ("tiny", "demo")
-            assert params["model"].default == ("tiny" if tiny_cmd else DEFAULT_MODEL), where
+            tiny_model = "tiny-wan" if path[-1].startswith("video-") else "tiny"  # the tiny video teacher
+            assert params["model"].default == (tiny_model if tiny_cmd else DEFAULT_MODEL), where
         if "device" in params:
             assert params["device"].default == ("cpu" if path[0] == "tiny" else "auto"), where
         for name in ("n", "batch_size", "weights", "res"):

@@ -18,6 +18,8 @@ from conftest import GEN, SYNTH, TINY, distill_args, eval_args, one_error
     ([*GEN, "--strength", "-inf"], "--strength"),
     ([*GEN, "--refine-guidance", "nan"], "--refine-guidance"),
     (["tiny", "train", "--minutes", "nan"], "--minutes"),
+    (["tiny", "video-train", "--minutes", "nan"], "--minutes"),
+    (["tiny", "video-check", "--guidance", "inf"], "--guidance"),
 ])
 def test_non_finite_options_are_refused(cli, tmp_path, args, option):
     status, _, err = cli(*args, "--out", str(tmp_path / "o"))
@@ -147,9 +149,10 @@ def test_distill_settings_the_cpu_cannot_run(cli, tmp_path, tiny_data, more, nee
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.parametrize("command", ["train", "video-train"])
 @pytest.mark.parametrize("option", ["--threads", "--steps", "--batch-size", "--vae-steps"])
-def test_tiny_train_counts_checked_before_the_first_step(cli, tmp_path, option):
-    status, _, err = cli("tiny", "train", "--out", str(tmp_path / "t"), option, "0")
+def test_tiny_train_counts_checked_before_the_first_step(cli, tmp_path, command, option):
+    status, _, err = cli("tiny", command, "--out", str(tmp_path / "t"), option, "0")
     assert status == 2
     one_error(err, f"{option} 0", "at least 1")
     assert not (tmp_path / "t").exists()

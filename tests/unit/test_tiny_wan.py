@@ -13,7 +13,7 @@ from clear_cli.errors import ClearError
 from clear_cli.tiny import HELD_OUT_SEED
 from clear_cli.tiny import video_checks as vc
 from clear_cli.tiny import video_scenes as vs
-from clear_cli.tiny.video_train import config_from_options, token_cover, train
+from clear_cli.tiny.video_train import token_cover, train
 
 
 def test_clips_draw_what_their_captions_say():
@@ -122,15 +122,28 @@ def test_shipped_weights_load_and_make_videos():
     assert np.asarray(out).shape == (1, 5, 32, 48, 3)
 
 
-SMALL = dict(size=32, frames=5, vae_frames=5, vae_steps=2, vae_batch=2, vae_crop=16, cache_size=4, steps=4, batch=2,
-             warmup=1, ckpt_every=2, log_every=1)
+def test_shipped_weights_keep_colour_and_motion_at_their_measured_level():
+    """Below the issue's 80% bar (docs/tiny.md): guards the level the shipped weights reach, and everything that
+    loads them. Measured: the VAE alone 6/16 colour, 16/16 direction (the weights before, 600 VAE steps: 2/16);
+    sampled, the first 25 check prompts 24% colour, 40% direction (tiny-wan-random: 8%, 16%)."""
+    from clear_cli.models import load_pipeline
+
+    pipe = load_pipeline("tiny-wan")
+    pipe.set_progress_bar_config(disable=True)
+    rec = vc.reconstruction_check(pipe, n=16)
+    assert rec.direction_rate >= 15 / 16 and rec.color_rate >= 4 / 16
+    m = vc.motion_check(pipe, n=25)
+    assert m.color_rate >= 0.16 and m.direction_rate >= 0.32
+
+
+SMALL = dict(size=32, frames=5, vae_frames=5, vae_steps=2, vae_batch=2, vae_crop=16, cache_size=4, steps=4,
+             batch_size=2, warmup=1, ckpt_every=2, log_every=1)
 
 
 def test_training_resumes_exactly(tmp_path):
     from safetensors.torch import load_file
 
-    cfg = config_from_options(**SMALL)
-    full = train(tmp_path / "a", cfg, progress=False)
+    full = train(out=tmp_path / "a", progress=False, **SMALL)
     assert full.finished and full.weights.is_file()
 
     def stop(stage, step, loss):
@@ -138,11 +151,15 @@ def test_training_resumes_exactly(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(tmp_path / "b", cfg, progress=False, on_step=stop)
-    assert json.loads((tmp_path / "b" / "state.json").read_text())["stage"] == "wan"
+        train(out=tmp_path / "b", progress=False, on_step=stop, **SMALL)
+    state = json.loads((tmp_path / "b" / "state.json").read_text())
+    assert state["stage"] == "wan"
+    # the recipe only (how a call runs is not compared on resume), batch_size under the key runs first wrote
+    assert not {"out", "minutes", "resume", "install", "batch_size"} & set(state["config"])
+    assert state["config"]["batch"] == 2
     with pytest.raises(ClearError, match="already holds"):
-        train(tmp_path / "b", cfg, progress=False)
-    resumed = train(tmp_path / "b", cfg, progress=False, resume="auto")
+        train(out=tmp_path / "b", progress=False, **SMALL)
+    resumed = train(out=tmp_path / "b", progress=False, resume="auto", minutes=60, **SMALL)
     assert resumed.finished
     wa, wb = load_file(str(full.weights)), load_file(str(resumed.weights))
     assert wa.keys() == wb.keys()
@@ -151,7 +168,7 @@ def test_training_resumes_exactly(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "a" / "train_log.jsonl")]
     assert [r["step"] for r in rows if r["stage"] == "wan"] == [1, 2, 3, 4]
     with pytest.raises(ClearError, match="other settings"):
-        train(tmp_path / "b", config_from_options(**{**SMALL, "steps": 6}), progress=False, resume="auto")
+        train(out=tmp_path / "b", progress=False, resume="auto", **{**SMALL, "steps": 6})
     # the last checkpoint, exported, is the result (its EMA weights, the run's VAE and statistics)
     from clear_cli.tiny.video_train import export_checkpoint
 
@@ -176,7 +193,7 @@ def test_token_cover_counts_the_shape():
 
 def test_bad_settings_and_models_are_refused(tmp_path):
     with pytest.raises(ClearError, match="4k"):
-        train(tmp_path / "x", config_from_options(frames=12), progress=False)
+        train(out=tmp_path / "x", frames=12, progress=False)
     with pytest.raises(ClearError, match="neither"):
         vc.load(str(tmp_path / "missing.safetensors"))
     assert HELD_OUT_SEED > vs.TRAIN_SEEDS
