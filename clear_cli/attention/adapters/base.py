@@ -7,6 +7,7 @@ Everything here is data or a small method on the transformer and its call; nothi
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ class ModelFacts:
         return side * side + self.train_text_len
 
 
-class ModelAdapter:
+class ModelAdapter(ABC):
     """Base class of the per-family adapters. Subclasses set the class attributes and implement the methods."""
 
     family: str = ""                       # the name users see (`--model` families, docs)
@@ -48,6 +49,7 @@ class ModelAdapter:
         names = {c.__name__ for c in type(transformer).__mro__}
         return bool(names & set(self.transformer_classes))
 
+    @abstractmethod
     def attention_modules(self, transformer: nn.Module) -> list[nn.Module]:
         """The attention modules whose processors CLEAR replaces, in processor order."""
         raise NotImplementedError
@@ -60,15 +62,18 @@ class ModelAdapter:
         """Submodule names of the image-branch projections distillation trains (and the teacher keeps frozen)."""
         return ("to_q", "to_k", "to_v", "to_out.0") if self.is_double(attn) else ("to_q", "to_k", "to_v")
 
+    @abstractmethod
     def attention_loss_layers(self, modules: list[nn.Module]) -> list[int]:
         """Processor indices whose outputs feed the attention loss by default."""
         raise NotImplementedError
 
+    @abstractmethod
     def make_processor(self, index: int, attn: nn.Module, state: Any) -> nn.Module:
         """The CLEAR processor for one attention module (it reproduces the stock processor's math)."""
         raise NotImplementedError
 
     # -- one call --------------------------------------------------------------------------------------------
+    @abstractmethod
     def read_call(self, arguments: dict) -> tuple[int, tuple[int, int], torch.Tensor | None, Any]:
         """(text length, (H, W) target grid, [B, T] bool of valid text keys or None, the call's
         `layout.TokenLayout` or None for text + that one grid) of one transformer call, from the transformer.forward
@@ -76,13 +81,16 @@ class ModelAdapter:
         raise NotImplementedError
 
     # -- high resolution -------------------------------------------------------------------------------------
+    @abstractmethod
     def scale_rope(self, transformer: nn.Module, ntk_factor: float) -> None:
         """Run RoPE with theta x `ntk_factor` on every axis (the authors' NTK rule)."""
         raise NotImplementedError
 
+    @abstractmethod
     def restore_rope(self, transformer: nn.Module) -> None:
         raise NotImplementedError
 
+    @abstractmethod
     def rope_ntk_factor(self, transformer: nn.Module) -> float | None:
         raise NotImplementedError
 
@@ -98,18 +106,22 @@ class VideoAdapter(ModelAdapter):
     video = True
     temporal_factor: int = 1    # pixel frames per latent frame
 
+    @abstractmethod
     def read_grid(self, transformer: nn.Module, arguments: dict) -> tuple[int, int, int]:
         """(frames, rows, columns) token grid of one transformer call, from its forward arguments by name."""
         raise NotImplementedError
 
+    @abstractmethod
     def install(self, transformer: nn.Module, window: int, time_window: int, backend: str,
                 ntk_factor: float | None) -> None:
         """Install (or reconfigure) the CLEAR processors; validates its arguments (ValueError)."""
         raise NotImplementedError
 
+    @abstractmethod
     def uninstall(self, transformer: nn.Module) -> None:
         """Restore the stock processors and RoPE; a no-op on a stock model."""
         raise NotImplementedError
 
+    @abstractmethod
     def is_installed(self, transformer: nn.Module) -> bool:
         raise NotImplementedError
