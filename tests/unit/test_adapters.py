@@ -32,3 +32,15 @@ def test_flux_adapter_reads_what_linearize_always_read(tiny_random_pipe):
     assert (t, grid, mask) == (7, (3, 5), None)
     assert layout.target.shape == (3, 5) and not layout.references   # the call's token layout (layout.py)
     assert FLUX.facts.train_seq_len == 64 * 64 + 512
+
+
+def test_a_family_missing_a_required_method_cannot_be_built():
+    import pytest
+
+    from clear_cli.attention.adapters.base import ModelAdapter
+
+    class Half(ModelAdapter):  # implements nothing of the interface
+        family = "half"
+
+    with pytest.raises(TypeError, match="read_call"):
+        Half()

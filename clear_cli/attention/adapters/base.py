@@ -52,7 +52,7 @@ class ModelAdapter(ABC):
     @abstractmethod
     def attention_modules(self, transformer: nn.Module) -> list[nn.Module]:
         """The attention modules whose processors CLEAR replaces, in processor order."""
-        raise NotImplementedError
+        ...
 
     def is_double(self, attn: nn.Module) -> bool:
         """True for a double-stream (joint text + image projections) attention."""
@@ -65,12 +65,12 @@ class ModelAdapter(ABC):
     @abstractmethod
     def attention_loss_layers(self, modules: list[nn.Module]) -> list[int]:
         """Processor indices whose outputs feed the attention loss by default."""
-        raise NotImplementedError
+        ...
 
     @abstractmethod
     def make_processor(self, index: int, attn: nn.Module, state: Any) -> nn.Module:
         """The CLEAR processor for one attention module (it reproduces the stock processor's math)."""
-        raise NotImplementedError
+        ...
 
     # -- one call --------------------------------------------------------------------------------------------
     @abstractmethod
@@ -78,21 +78,21 @@ class ModelAdapter(ABC):
         """(text length, (H, W) target grid, [B, T] bool of valid text keys or None, the call's
         `layout.TokenLayout` or None for text + that one grid) of one transformer call, from the transformer.forward
         arguments bound by name. ValueError names what is missing or inconsistent."""
-        raise NotImplementedError
+        ...
 
     # -- high resolution -------------------------------------------------------------------------------------
     @abstractmethod
     def scale_rope(self, transformer: nn.Module, ntk_factor: float) -> None:
         """Run RoPE with theta x `ntk_factor` on every axis (the authors' NTK rule)."""
-        raise NotImplementedError
+        ...
 
     @abstractmethod
     def restore_rope(self, transformer: nn.Module) -> None:
-        raise NotImplementedError
+        ...
 
     @abstractmethod
     def rope_ntk_factor(self, transformer: nn.Module) -> float | None:
-        raise NotImplementedError
+        ...
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.family}>"
@@ -109,19 +109,19 @@ class VideoAdapter(ModelAdapter):
     @abstractmethod
     def read_grid(self, transformer: nn.Module, arguments: dict) -> tuple[int, int, int]:
         """(frames, rows, columns) token grid of one transformer call, from its forward arguments by name."""
-        raise NotImplementedError
+        ...
 
     @abstractmethod
     def install(self, transformer: nn.Module, window: int, time_window: int, backend: str,
                 ntk_factor: float | None) -> None:
         """Install (or reconfigure) the CLEAR processors; validates its arguments (ValueError)."""
-        raise NotImplementedError
+        ...
 
     @abstractmethod
     def uninstall(self, transformer: nn.Module) -> None:
         """Restore the stock processors and RoPE; a no-op on a stock model."""
-        raise NotImplementedError
+        ...
 
     @abstractmethod
     def is_installed(self, transformer: nn.Module) -> bool:
-        raise NotImplementedError
+        ...
